@@ -1,0 +1,40 @@
+"""ingest: Broadway-style pipelines for RabbitMQ in asyncio."""
+
+from ingest.acknowledger import AckAction, Acknowledger, NoopAcknowledger
+from ingest.batch_info import BatchInfo, BatchTrigger
+from ingest.events import Event, EventBus
+from ingest.handlers import Handlers
+from ingest.message import OK, BatchMode, Failed, Message, Ok, Status
+from ingest.options import Batcher, CustomBatchSize, Processors, RateLimiting, byte_budget
+from ingest.pipeline import Pipeline
+from ingest.producer import Producer, Sink
+from ingest.producers.memory import InMemoryProducer
+from ingest.topology import StageGroup, Topology
+
+__all__ = [
+    "OK",
+    "AckAction",
+    "Acknowledger",
+    "BatchInfo",
+    "BatchMode",
+    "BatchTrigger",
+    "Batcher",
+    "CustomBatchSize",
+    "Event",
+    "EventBus",
+    "Failed",
+    "Handlers",
+    "InMemoryProducer",
+    "Message",
+    "NoopAcknowledger",
+    "Ok",
+    "Pipeline",
+    "Processors",
+    "Producer",
+    "RateLimiting",
+    "Sink",
+    "StageGroup",
+    "Status",
+    "Topology",
+    "byte_budget",
+]

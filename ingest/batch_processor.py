@@ -1,0 +1,81 @@
+"""The batch processor stage: handle_batch on closed batches, then acknowledgement."""
+
+from __future__ import annotations
+
+import time
+
+from ingest.batch_info import BatchInfo
+from ingest.buffer import Buffer
+from ingest.events import Event
+from ingest.message import OK, Failed, Message, fail_with_exception
+from ingest.runtime import Batch, Runtime, describe_return
+
+
+async def run_batch_processor(rt: Runtime, name: str, inbox: Buffer[Batch]) -> None:
+    """Process one batch at a time until the batcher closes the inbox."""
+    while True:
+        batches = await inbox.take(1)
+        if not batches:
+            return
+        await process_batch(rt, name, batches[0])
+
+
+async def process_batch(rt: Runtime, name: str, batch: Batch) -> None:
+    messages = batch.messages
+    info = BatchInfo(batch.batcher, batch.batch_key, batch.partition, len(messages), batch.trigger)
+    events = rt.events
+    started = time.perf_counter()
+    if events:
+        events.emit(Event("batch.start", rt.pipeline, name, messages, batch_info=info))
+    try:
+        returned = await rt.handlers.handle_batch(batch.batcher, messages, info, rt.context)
+        if not isinstance(returned, list):
+            raise TypeError(
+                f"handle_batch must return a list, returned {describe_return(returned)}"
+            )
+    except Exception as exc:
+        for message in messages:
+            fail_with_exception(message, exc, "handle_batch")
+        successful: list[Message] = []
+        failed = messages
+        if events:
+            events.emit(
+                Event(
+                    "batch.exception", rt.pipeline, name, messages, batch_info=info, exception=exc
+                )
+            )
+    else:
+        successful, failed = _split(returned, messages)
+    await rt.settle(name, successful, failed)
+    if events:
+        events.emit(
+            Event(
+                "batch.stop",
+                rt.pipeline,
+                name,
+                messages,
+                duration=time.perf_counter() - started,
+                successful=len(successful),
+                failed=len(failed),
+                batch_info=info,
+            )
+        )
+
+
+def _split(returned: list[Message], batch: list[Message]) -> tuple[list[Message], list[Message]]:
+    """Successful and failed messages of a batch; the ones handle_batch did not return are
+    failed rather than leaked (Broadway would never acknowledge them)."""
+    successful: list[Message] = []
+    failed: list[Message] = []
+    seen: set[int] = set()
+    for message in returned:
+        if not isinstance(message, Message) or id(message) in seen:
+            continue
+        seen.add(id(message))
+        (successful if message.status is OK else failed).append(message)
+    if len(seen) < len(batch):
+        for message in batch:
+            if id(message) not in seen:
+                message.status = Failed("missing from the list handle_batch returned")
+                failed.append(message)
+    return successful, failed

@@ -1,0 +1,187 @@
+"""The `ingest` command line: run, publish, topology."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from importlib.metadata import version
+from pathlib import Path
+
+import structlog
+from pydantic import ValidationError
+
+from ingest.hosting import ConfigurationError, StartupError, build, serve
+from ingest.logging import configure_logging
+from ingest.rabbitmq.options import redact
+from ingest.rabbitmq.publisher import OutgoingMessage, Publisher, PublishError
+from ingest.settings import Settings
+from ingest.workers import supervise
+
+logger = structlog.get_logger("ingest.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ingest", description="Broadway-style RabbitMQ pipelines: the tickets service."
+    )
+    parser.add_argument("--version", action="version", version=f"ingest {version('ingest')}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the pipelines until SIGTERM/SIGINT, then drain")
+    run.add_argument(
+        "--pipeline", action="append", metavar="NAME", help="run only this one (repeatable)"
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N processes consuming the same queues (worker i serves HTTP on port+i)",
+    )
+    run.add_argument(
+        "--file",
+        type=Path,
+        metavar="F.csv",
+        help="process this CSV file instead of the queue (no broker), then stop; "
+        "failed rows go to F.errors.csv",
+    )
+
+    publish = commands.add_parser("publish", help="publish messages to a pipeline's queue")
+    publish.add_argument("pipeline")
+    source = publish.add_mutually_exclusive_group(required=True)
+    source.add_argument("--count", type=int, metavar="N", help="N random sample messages")
+    source.add_argument("--file", type=Path, metavar="F.csv", help="one message per line")
+    source.add_argument("--payload", metavar="TEXT", help="one message with this body")
+
+    commands.add_parser("topology", help="print every pipeline's stages and concurrency")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        return _fail(f"invalid settings: {_first_error(error)}", 2)
+    configure_logging(settings.log_format, settings.log_level)
+    if worker := os.environ.get("INGEST_WORKER"):
+        structlog.contextvars.bind_contextvars(worker=int(worker))
+    try:
+        if args.command == "run":
+            if args.workers != 1:
+                return _run_workers(settings, args)
+            return _run(settings, args.pipeline, args.file)
+        if args.command == "publish":
+            return asyncio.run(_publish(settings, args))
+        return _topology(settings)
+    except ConfigurationError as error:
+        return _fail(str(error), 2)
+    except StartupError as error:
+        return _fail(str(error), 1)
+
+
+def _run(settings: Settings, names: list[str] | None, file: Path | None) -> int:
+    if file is not None and not file.is_file():
+        raise ConfigurationError(f"no such file: {file}")
+    hosted = build(settings, names, source=file)
+    logger.info("starting", version=version("ingest"), settings=settings.public())
+    _run_loop(serve(settings, hosted))
+    return 0
+
+
+def _run_workers(settings: Settings, args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise ConfigurationError("--workers needs N >= 1")
+    if args.file is not None:
+        raise ConfigurationError("--file is read by one process: drop --workers")
+    build(settings, args.pipeline)  # a configuration error shows once, here
+    arguments = [f"--pipeline={name}" for name in args.pipeline or []]
+    return supervise(args.workers, arguments, settings.http_port)
+
+
+def _run_loop(coroutine: object) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coroutine)  # type: ignore[arg-type]
+    else:
+        uvloop.run(coroutine)  # type: ignore[arg-type]
+
+
+async def _publish(settings: Settings, args: argparse.Namespace) -> int:
+    [hosted] = build(settings, [args.pipeline]).values()
+    if hosted.queue is None:
+        raise ConfigurationError(f"pipeline {args.pipeline} has no queue to publish to")
+    if args.count is not None:
+        if args.count < 1 or hosted.samples is None:
+            raise ConfigurationError("--count needs N >= 1 and a pipeline with sample messages")
+        bodies = hosted.samples(args.count)
+    elif args.file is not None:
+        if not args.file.is_file():
+            raise ConfigurationError(f"no such file: {args.file}")
+        lines = args.file.read_bytes().splitlines()
+        bodies = [line for line in lines if line.strip()]
+    else:
+        bodies = [args.payload.encode()]
+    url = settings.amqp_url.get_secret_value()
+    progress = _Progress(len(bodies), enabled=sys.stderr.isatty())
+    try:
+        async with Publisher(
+            url,
+            connection_name="ingest-publish",
+            declare_queues=(hosted.queue,),
+            connect_timeout=10,
+        ) as publisher:
+            window = 500
+            for start in range(0, len(bodies), window):
+                chunk = bodies[start : start + window]
+                await publisher.publish_many(
+                    [
+                        OutgoingMessage(body, hosted.queue, message_id=uuid.uuid4().hex)
+                        for body in chunk
+                    ]
+                )
+                progress.advance(len(chunk))
+    except PublishError as error:
+        progress.done()
+        raise StartupError(f"publishing to {redact(url)} failed: {error}") from error
+    progress.done()
+    print(f"published {len(bodies)} message(s) to {hosted.queue}, all confirmed")
+    return 0
+
+
+def _topology(settings: Settings) -> int:
+    for hosted in build(settings).values():
+        print(hosted.pipeline.topology().render())
+    return 0
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.count, self.enabled = total, 0, enabled
+
+    def advance(self, count: int) -> None:
+        self.count += count
+        if self.enabled:
+            filled = int(30 * self.count / self.total)
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.count}/{self.total}")
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _first_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return f"{where}: {first['msg']}"
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"ingest: error: {message}", file=sys.stderr)
+    return code

@@ -1,0 +1,177 @@
+"""Hosting: how the service finds its pipelines and runs them until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from ingest.http import HealthServer
+from ingest.logging import log_failures
+from ingest.metrics import Metrics
+from ingest.pipeline import Pipeline
+from ingest.producers.csv_file import CsvFileProducer
+from ingest.rabbitmq.producer import RabbitMQProducer
+from ingest.settings import Settings
+
+logger = structlog.get_logger("ingest.service")
+
+ENTRY_POINT_GROUP = "ingest.pipelines"
+
+
+class ConfigurationError(Exception):
+    """The configuration cannot work; the message says what to change."""
+
+
+class StartupError(Exception):
+    """Something the pipelines need (a database, a mail server) is not there."""
+
+
+@dataclass
+class HostedPipeline:
+    """A pipeline as the service runs it, with what it needs around it.
+
+    `startup` runs before the pipeline starts (create the schema, check the database:
+    raise StartupError if it cannot work) and `shutdown` after it stopped. `finished`
+    (file producers) stops the service once set. `samples(n)` makes n example payloads for
+    `ingest publish --count`.
+    """
+
+    pipeline: Pipeline
+    queue: str | None
+    ready: Callable[[], bool]
+    stats: Mapping[str, int] | None = None
+    startup: Callable[[], Awaitable[None]] | None = None
+    shutdown: Callable[[], Awaitable[None]] | None = None
+    samples: Callable[[int], list[bytes]] | None = None
+    finished: asyncio.Event | None = None
+
+    @classmethod
+    def of(
+        cls,
+        pipeline: Pipeline,
+        queue: str | None,
+        *,
+        startup: Callable[[], Awaitable[None]] | None = None,
+        shutdown: Callable[[], Awaitable[None]] | None = None,
+        samples: Callable[[int], list[bytes]] | None = None,
+    ) -> HostedPipeline:
+        """Host `pipeline`, reading readiness, stats and the end of input off its
+        producer: a RabbitMQ producer is ready while consuming, a file producer always,
+        until its file is done."""
+        producer = pipeline.producer
+        rabbit = producer if isinstance(producer, RabbitMQProducer) else None
+        return cls(
+            pipeline=pipeline,
+            queue=queue,
+            ready=(lambda: rabbit.ready) if rabbit else (lambda: True),
+            stats=rabbit.stats if rabbit else None,
+            startup=startup,
+            shutdown=shutdown,
+            samples=samples,
+            finished=producer.finished if isinstance(producer, CsvFileProducer) else None,
+        )
+
+
+class PipelineFactory(Protocol):
+    """Builds a hosted pipeline from the settings, without I/O (that is `startup`'s).
+    With `source`, the pipeline reads that file instead of its queue."""
+
+    def __call__(self, settings: Settings, *, source: Path | None = None) -> HostedPipeline: ...
+
+
+def discover() -> dict[str, PipelineFactory]:
+    """The pipelines installed under the `ingest.pipelines` entry point group."""
+    return {ep.name: ep.load() for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def build(
+    settings: Settings, names: list[str] | None = None, source: Path | None = None
+) -> dict[str, HostedPipeline]:
+    """Build the named (else every enabled) pipeline; ConfigurationError if one cannot."""
+    factories = discover()
+    unknown = sorted(set(names or []) - set(factories))
+    if unknown:
+        raise ConfigurationError(
+            f"unknown pipeline {', '.join(unknown)}; installed: {', '.join(sorted(factories))}"
+        )
+    configured = sorted(set(settings.pipelines) - set(factories))
+    if configured:
+        raise ConfigurationError(
+            f"settings name unknown pipeline {', '.join(configured)} "
+            f"(INGEST_PIPELINES__<NAME>__...); installed: {', '.join(sorted(factories))}"
+        )
+    chosen = names or [name for name in sorted(factories) if settings.pipeline(name).enabled]
+    hosted: dict[str, HostedPipeline] = {}
+    for name in chosen:
+        try:
+            hosted[name] = factories[name](settings, source=source)
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError(f"pipeline {name}: {exc}") from exc
+    return hosted
+
+
+async def serve(
+    settings: Settings,
+    hosted: Mapping[str, HostedPipeline],
+    stop: asyncio.Event | None = None,
+    started: asyncio.Event | None = None,
+) -> None:
+    """Start everything, run until SIGTERM/SIGINT, `stop` or every file is done, then
+    drain. `started` is set once the HTTP server listens and the pipelines run."""
+    for name, item in hosted.items():
+        if item.startup is not None:
+            try:
+                await item.startup()
+            except StartupError:
+                raise
+            except Exception as exc:
+                raise StartupError(f"pipeline {name} cannot start: {exc}") from exc
+    metrics = Metrics()
+    for item in hosted.values():
+        metrics.watch(item.pipeline, item.ready, item.stats)
+        item.pipeline.events.subscribe(log_failures)
+    http = HealthServer(
+        settings.http_host,
+        settings.http_port,
+        metrics.registry,
+        {name: item.ready for name, item in hosted.items()},
+    )
+    try:
+        await http.start()
+    except OSError as exc:
+        raise StartupError(
+            f"cannot serve HTTP on {settings.http_host}:{settings.http_port}: {exc.strerror or exc}"
+        ) from exc
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        for item in hosted.values():
+            await item.pipeline.start()
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
+        files = [item.finished for item in hosted.values() if item.finished is not None]
+        if files:
+            waiters.append(asyncio.gather(*(f.wait() for f in files)))
+        logger.info("running", pipelines=list(hosted))
+        if started is not None:
+            started.set()
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+        logger.info("stopping", signal=stop.is_set())
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await asyncio.gather(*(item.pipeline.stop() for item in hosted.values()))
+        for item in hosted.values():
+            if item.shutdown is not None:
+                await item.shutdown()
+        await http.stop()

@@ -1,0 +1,80 @@
+"""Logging: structlog configured once for the service, JSON in containers, console for
+humans; the standard library's loggers (aiormq, asyncio) go through the same renderer."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Literal
+
+import structlog
+
+from ingest.events import Event
+
+
+def configure_logging(
+    log_format: Literal["json", "console"] = "console", level: str = "INFO"
+) -> None:
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer()
+        if log_format == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info
+            if log_format == "json"
+            else structlog.dev.set_exc_info,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # aiormq logs every forced close as an error with a traceback; the connector logs the
+    # loss once, plainly, so aiormq speaks only when debugging.
+    logging.getLogger("aiormq").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
+
+
+def log_failures(event: Event) -> None:
+    """An event handler logging each failed message with its context and reason, and
+    each hook that raised (subscribe it with `pipeline.events.subscribe`)."""
+    log = structlog.get_logger("ingest.pipeline").bind(pipeline=event.pipeline, stage=event.stage)
+    if event.kind == "ack" and event.failed:
+        for message in event.messages:
+            if message.is_ok:
+                continue
+            log.warning(
+                "message failed",
+                message_id=message.metadata.get("message_id"),
+                batcher=message.batcher,
+                batch_key=message.batch_key,
+                reason=message.failure_reason,
+            )
+    elif event.kind == "batch.exception" and event.batch_info is not None:
+        log.error(
+            "handle_batch raised",
+            batcher=event.batch_info.batcher,
+            batch_key=event.batch_info.batch_key,
+            size=event.batch_info.size,
+            error=repr(event.exception),
+        )
+    elif event.kind == "processor.exception":
+        log.error("prepare_messages raised", size=len(event.messages), error=repr(event.exception))

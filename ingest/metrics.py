@@ -1,0 +1,145 @@
+"""Metrics: Prometheus counters and histograms fed by pipeline events, and gauges read
+from the pipelines when scraped."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ingest.events import Event
+from ingest.pipeline import Pipeline
+
+# The *_created samples only clutter the text format here.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_SIZES = (1, 2, 5, 10, 20, 50, 75, 100, 200, 500, 1000)
+
+
+@dataclass
+class Watched:
+    """What the scrape-time gauges read of one pipeline."""
+
+    pipeline: Pipeline
+    ready: Callable[[], bool]
+    stats: Mapping[str, int] | None
+
+
+class Metrics:
+    """The service's metrics, in their own registry (so tests can build several)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.received = Counter(
+            "ingest_messages_received",
+            "Messages that entered the processors",
+            ["pipeline"],
+            registry=r,
+        )
+        self.processed = Counter(
+            "ingest_messages_processed",
+            "Messages acknowledged after their last stage, by outcome",
+            ["pipeline", "status"],
+            registry=r,
+        )
+        self.batches = Counter(
+            "ingest_batches", "Batches handled", ["pipeline", "batcher", "trigger"], registry=r
+        )
+        self.batch_size = Histogram(
+            "ingest_batch_size",
+            "Messages per batch",
+            ["pipeline", "batcher"],
+            buckets=_SIZES,
+            registry=r,
+        )
+        self.handle_message = Histogram(
+            "ingest_handle_message_seconds",
+            "handle_message duration",
+            ["pipeline"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.handle_batch = Histogram(
+            "ingest_handle_batch_seconds",
+            "handle_batch duration",
+            ["pipeline", "batcher"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.hook_errors = Counter(
+            "ingest_hook_exceptions", "Exceptions raised by hooks", ["pipeline", "hook"], registry=r
+        )
+        self._watched: dict[str, Watched] = {}
+        r.register(_PipelineCollector(self._watched))
+
+    def watch(
+        self,
+        pipeline: Pipeline,
+        ready: Callable[[], bool],
+        stats: Mapping[str, int] | None = None,
+    ) -> None:
+        """Subscribe to `pipeline`'s events and report its gauges and producer stats."""
+        self._watched[pipeline.name] = Watched(pipeline, ready, stats)
+        pipeline.events.subscribe(self._on_event)
+
+    def _on_event(self, event: Event) -> None:
+        kind, name = event.kind, event.pipeline
+        if kind == "message.stop":
+            self.handle_message.labels(name).observe(event.duration or 0.0)
+        elif kind == "processor.start":
+            self.received.labels(name).inc(len(event.messages))
+        elif kind == "ack":
+            if event.successful:
+                self.processed.labels(name, "successful").inc(event.successful)
+            if event.failed:
+                self.processed.labels(name, "failed").inc(event.failed)
+        elif kind == "batch.stop" and event.batch_info is not None:
+            info = event.batch_info
+            self.batches.labels(name, info.batcher, info.trigger).inc()
+            self.batch_size.labels(name, info.batcher).observe(info.size)
+            self.handle_batch.labels(name, info.batcher).observe(event.duration or 0.0)
+        elif kind.endswith(".exception"):
+            self.hook_errors.labels(name, kind.split(".")[0]).inc()
+
+
+class _PipelineCollector(Collector):
+    """Gauges and producer counters read at scrape time: nothing on the hot path."""
+
+    # Producer stats that are acknowledgement actions, and the rest.
+    ACTIONS = ("ack", "reject", "reject_and_requeue", "retry", "dead_letter")
+
+    def __init__(self, watched: Mapping[str, Watched]) -> None:
+        self._watched = watched
+
+    def collect(self) -> Iterator[Metric]:
+        in_flight = GaugeMetricFamily(
+            "ingest_in_flight_messages", "Received and not yet acknowledged", labels=["pipeline"]
+        )
+        connected = GaugeMetricFamily(
+            "ingest_broker_connected", "1 while connected and consuming", labels=["pipeline"]
+        )
+        acks = CounterMetricFamily(
+            "ingest_acks",
+            "Acknowledgements sent to the broker, by action",
+            labels=["pipeline", "action"],
+        )
+        producer = CounterMetricFamily(
+            "ingest_producer_events",
+            "Producer events: connection_losses, reconnects, dropped_stale, multiple_ack_frames",
+            labels=["pipeline", "event"],
+        )
+        for name, watched in self._watched.items():
+            in_flight.add_metric([name], watched.pipeline.in_flight)
+            connected.add_metric([name], 1.0 if watched.ready() else 0.0)
+            stats = watched.stats or {}
+            for action in self.ACTIONS:
+                acks.add_metric([name, action], stats.get(action, 0))
+            for event, value in stats.items():
+                if event not in self.ACTIONS:
+                    producer.add_metric([name, event], value)
+        yield from (in_flight, connected, acks, producer)

@@ -1,0 +1,130 @@
+"""Validated option values for processors, batchers and rate limiting."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ingest.message import Message
+from ingest.typing import SizeStep
+
+
+def _positive_int(owner: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}: {name} must be an int >= 1, got {value!r}")
+
+
+def _positive_seconds(owner: str, name: str, value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{owner}: {name} must be a number of seconds > 0, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Processors:
+    """The processor group: how many workers and how many messages each takes at a time.
+
+    A worker takes up to `max_demand` messages (a chunk, given to `prepare_messages`);
+    a producer blocked on a full buffer resumes once `min_demand` places are free::
+
+        Processors(concurrency=4, max_demand=50)
+    """
+
+    concurrency: int = 1
+    max_demand: int = 10
+    min_demand: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int("processors", "concurrency", self.concurrency)
+        _positive_int("processors", "max_demand", self.max_demand)
+        if self.min_demand is not None:
+            if (
+                isinstance(self.min_demand, bool)
+                or not isinstance(self.min_demand, int)
+                or self.min_demand < 0
+            ):
+                raise ValueError(
+                    f"processors: min_demand must be an int >= 0, got {self.min_demand!r}"
+                )
+            if self.min_demand >= self.max_demand:
+                raise ValueError(
+                    f"processors: min_demand ({self.min_demand}) must be smaller than "
+                    f"max_demand ({self.max_demand}); lower min_demand or raise max_demand"
+                )
+
+    @property
+    def effective_min_demand(self) -> int:
+        return self.max_demand // 2 if self.min_demand is None else self.min_demand
+
+
+@dataclass(frozen=True, slots=True)
+class CustomBatchSize:
+    """A batch size decided per message, Broadway's `{initial_acc, fun}`.
+
+    `step(message, acc)` returns `(emit_now, acc)`; see `byte_budget` for the usual case.
+    """
+
+    initial: Any
+    step: SizeStep
+
+
+def byte_budget(
+    max_bytes: int, measure: Callable[[Message], int] = lambda m: len(m.data)
+) -> CustomBatchSize:
+    """Close a batch once its messages weigh `max_bytes` or more::
+
+    Batcher(batch_size=byte_budget(64_000))
+    """
+    _positive_int("byte_budget", "max_bytes", max_bytes)
+
+    def step(message: Message, acc: int) -> tuple[bool, int]:
+        acc += measure(message)
+        return (acc >= max_bytes, acc)
+
+    return CustomBatchSize(0, step)
+
+
+@dataclass(frozen=True, slots=True)
+class Batcher:
+    """One static batcher: its batches close at `batch_size`, or `batch_timeout` seconds
+    after their first message, whichever comes first; `concurrency` batch processors run
+    `handle_batch`::
+
+        Batcher(batch_size=75, batch_timeout=1.0, concurrency=2)
+    """
+
+    batch_size: int | CustomBatchSize = 100
+    batch_timeout: float = 1.0
+    concurrency: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, CustomBatchSize):
+            _positive_int("batcher", "batch_size", self.batch_size)
+        _positive_seconds("batcher", "batch_timeout", self.batch_timeout)
+        _positive_int("batcher", "concurrency", self.concurrency)
+
+    @property
+    def max_messages(self) -> int | None:
+        """The most messages one batch can hold, when it is known."""
+        return self.batch_size if isinstance(self.batch_size, int) else None
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimiting:
+    """At most `allowed_messages` enter the processors per `interval` seconds, pipeline-wide::
+
+    RateLimiting(allowed_messages=1000, interval=1.0)
+    """
+
+    allowed_messages: int
+    interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive_int("rate_limiting", "allowed_messages", self.allowed_messages)
+        _positive_seconds("rate_limiting", "interval", self.interval)

@@ -1,0 +1,43 @@
+"""The RabbitMQ connector: producer, acknowledgement, retries, dead letters, publisher."""
+
+from ingest.rabbitmq.acknowledger import (
+    ATTEMPTS_HEADER,
+    EXCEPTION_HEADER,
+    QUEUE_HEADER,
+    REASON_HEADER,
+    ChannelAcknowledger,
+    Delivery,
+    retry_queue_name,
+)
+from ingest.rabbitmq.options import (
+    Backoff,
+    Binding,
+    QueueDeclare,
+    RabbitAckAction,
+    RabbitMQOptions,
+    RetryPolicy,
+)
+from ingest.rabbitmq.producer import RabbitMQProducer, required_prefetch
+from ingest.rabbitmq.publisher import OutgoingMessage, Publisher, PublishError, Unroutable
+
+__all__ = [
+    "ATTEMPTS_HEADER",
+    "EXCEPTION_HEADER",
+    "QUEUE_HEADER",
+    "REASON_HEADER",
+    "Backoff",
+    "Binding",
+    "ChannelAcknowledger",
+    "Delivery",
+    "OutgoingMessage",
+    "PublishError",
+    "Publisher",
+    "QueueDeclare",
+    "RabbitAckAction",
+    "RabbitMQOptions",
+    "RabbitMQProducer",
+    "RetryPolicy",
+    "Unroutable",
+    "required_prefetch",
+    "retry_queue_name",
+]

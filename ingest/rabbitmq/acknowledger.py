@@ -1,0 +1,316 @@
+"""ChannelAcknowledger: settles the deliveries of one channel — coalesced acks, rejects,
+delayed retries and dead letters with their reason."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import aiormq
+import structlog
+from aiormq.abc import ChannelFrame, DeliveredMessage
+from pamqp import commands as spec
+
+from ingest.acknowledger import validate_ack_options
+from ingest.message import Failed, Message
+from ingest.rabbitmq import frames
+from ingest.rabbitmq.options import RABBIT_ACK_ACTIONS, RabbitAckAction, RabbitMQOptions
+
+logger = structlog.get_logger("ingest.rabbitmq")
+
+ATTEMPTS_HEADER = "x-ingest-attempts"
+REASON_HEADER = "x-ingest-reason"
+EXCEPTION_HEADER = "x-ingest-exception"
+QUEUE_HEADER = "x-ingest-queue"
+
+
+class Delivery:
+    """A message's `ack_data`: its delivery and the actions `configure_ack` chose.
+
+    A plain slotted class: one is made per delivery, on the hot path.
+    """
+
+    __slots__ = ("on_failure", "on_success", "raw")
+
+    def __init__(
+        self,
+        raw: DeliveredMessage,
+        on_success: RabbitAckAction | None = None,
+        on_failure: RabbitAckAction | None = None,
+    ) -> None:
+        self.raw = raw
+        self.on_success = on_success
+        self.on_failure = on_failure
+
+    @property
+    def tag(self) -> int:
+        return self.raw.delivery.delivery_tag  # type: ignore[union-attr, return-value]
+
+    @property
+    def redelivered(self) -> bool:
+        if self.raw.delivery.redelivered:  # type: ignore[union-attr]
+            return True
+        # Quorum queues count deliveries in a header.
+        headers = self.raw.header.properties.headers or {}
+        count = headers.get("x-delivery-count")
+        return isinstance(count, int) and count > 0
+
+    @property
+    def attempts(self) -> int:
+        """Failed attempts before this delivery (from the retry header)."""
+        headers = self.raw.header.properties.headers or {}
+        value = headers.get(ATTEMPTS_HEADER, 0)
+        return value if isinstance(value, int) else 0
+
+
+def retry_queue_name(queue: str, delay: float) -> str:
+    return f"{queue}.retry.{round(delay * 1000)}ms"
+
+
+class ChannelAcknowledger:
+    """Settles what one channel delivered; a new channel gets a new acknowledger.
+
+    Successful acks are coalesced: every delivery tag up to the channel's low-water mark is
+    settled, so one `basic.ack(multiple=True)` covers a contiguous run. Acks are held for
+    at most `ACK_DELAY` seconds or a quarter of the prefetch, whichever comes first, so
+    that the mark can pass them; those still above it then go one frame each. Rejects go
+    at once, with the pending acks below them. All frames of one write go out together.
+
+    Acks for a channel that has closed are dropped and counted: the broker redelivers those
+    messages, and an ack on another channel would be an error.
+    """
+
+    ACK_DELAY = 0.02
+
+    def __init__(
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        publisher: aiormq.abc.AbstractChannel | None,
+        options: RabbitMQOptions,
+        stats: Counter[str],
+        prefetch_count: int,
+    ) -> None:
+        self.channel = channel
+        self.publisher = publisher
+        self.options = options
+        self.stats = stats
+        self._lock = asyncio.Lock()
+        self._watermark = 0
+        self._settled_above: set[int] = set()
+        # Acks wait a moment (ACK_DELAY, or until a quarter of the prefetch is pending) so
+        # that one multiple-ack frame covers many: the broker's per-frame cost and ours.
+        self._pending: set[int] = set()
+        self._pending_limit = max(1, prefetch_count // 4)
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
+
+    def configure(self, ack_data: Any, options: Mapping[str, Any]) -> Any:
+        checked = validate_ack_options(options, RABBIT_ACK_ACTIONS)
+        if "retry" in checked.values() and self.options.retry is None:
+            raise ValueError("the 'retry' action needs the producer's retry policy")
+        return Delivery(
+            ack_data.raw,
+            checked.get("on_success", ack_data.on_success),
+            checked.get("on_failure", ack_data.on_failure),
+        )
+
+    async def ack(self, successful: list[Message], failed: list[Message]) -> None:
+        if self.options.no_ack:
+            return
+        if self.channel.is_closed:
+            self._drop(len(successful) + len(failed))
+            return
+        acks: list[int] = []
+        others: list[tuple[int, bytes]] = []
+        republish: list[tuple[Message, str, str]] = []
+        plain = self.options.on_success == "ack"
+        for message in successful:
+            delivery = message.ack_data
+            if plain and delivery.on_success is None:  # the hot path: no call per message
+                acks.append(delivery.raw.delivery.delivery_tag)
+            else:
+                action = delivery.on_success or self.options.on_success
+                self._plan(message, action, acks, others, republish)
+        for message in failed:
+            action = message.ack_data.on_failure
+            if action is None:
+                status = message.status
+                raised = isinstance(status, Failed) and status.exception is not None
+                action = self.options.failure_action(raised)
+            self._plan(message, action, acks, others, republish)
+        self.stats["ack"] += len(acks)
+        if republish:
+            acks.extend(await self._republish(republish, others))
+        await self._send(acks, others)
+
+    def _plan(
+        self,
+        message: Message,
+        action: RabbitAckAction,
+        acks: list[int],
+        others: list[tuple[int, bytes]],
+        republish: list[tuple[Message, str, str]],
+    ) -> None:
+        """Sort one message by what its action needs: an ack, a reject frame, or a copy
+        published (to a retry queue or the dead-letter queue) before it is acked."""
+        delivery: Delivery = message.ack_data
+        tag = delivery.tag
+        retry = self.options.retry
+        if action == "ack":
+            acks.append(tag)
+        elif action == "reject_and_requeue" or (
+            action == "reject_and_requeue_once" and not delivery.redelivered
+        ):
+            others.append((tag, frames.reject(self.channel.number, tag, requeue=True)))
+            self.stats["reject_and_requeue"] += 1
+        elif action == "retry" and retry is not None and delivery.attempts + 1 < retry.max_attempts:
+            target = retry_queue_name(self.options.queue, retry.delay(delivery.attempts + 1))
+            republish.append((message, target, "retry"))
+        elif self.options.dlq_name:
+            # reject, requeue-once after a redelivery, the last retry: a dead letter.
+            republish.append((message, self.options.dlq_name, "dead_letter"))
+        else:
+            others.append((tag, frames.reject(self.channel.number, tag, requeue=False)))
+            self.stats["reject"] += 1
+
+    async def _republish(
+        self, jobs: list[tuple[Message, str, str]], others: list[tuple[int, bytes]]
+    ) -> list[int]:
+        """Publish retries and dead letters with confirms; return the tags of the originals
+        to ack. One whose publish failed is requeued instead (added to `others`), so
+        nothing is lost."""
+        results = await asyncio.gather(
+            *(self._publish_copy(message, target) for message, target, _ in jobs),
+            return_exceptions=True,
+        )
+        acks: list[int] = []
+        for (message, target, kind), result in zip(jobs, results, strict=True):
+            tag = message.ack_data.tag
+            if isinstance(result, BaseException):
+                logger.error(
+                    "could not publish; requeueing the message instead",
+                    queue=self.options.queue,
+                    target=target,
+                    error=repr(result),
+                )
+                others.append((tag, frames.reject(self.channel.number, tag, requeue=True)))
+                self.stats["reject_and_requeue"] += 1
+            else:
+                acks.append(tag)
+                self.stats[kind] += 1
+        return acks
+
+    async def _publish_copy(self, message: Message, target: str) -> None:
+        if self.publisher is None or self.publisher.is_closed:
+            raise ConnectionError("the publishing channel is closed")
+        delivery: Delivery = message.ack_data
+        original = delivery.raw.header.properties
+        headers = dict(original.headers or {})
+        status = message.status
+        reason = status.reason if isinstance(status, Failed) else "acknowledged as failed"
+        headers[REASON_HEADER] = reason[:1000]
+        if isinstance(status, Failed) and status.exception is not None:
+            headers[EXCEPTION_HEADER] = type(status.exception).__qualname__
+        headers[ATTEMPTS_HEADER] = delivery.attempts + 1
+        headers[QUEUE_HEADER] = self.options.queue
+        properties = spec.Basic.Properties(
+            content_type=original.content_type,
+            content_encoding=original.content_encoding,
+            headers=headers,
+            delivery_mode=2,
+            priority=original.priority,
+            correlation_id=original.correlation_id,
+            reply_to=original.reply_to,
+            message_id=original.message_id,
+            timestamp=original.timestamp,
+            message_type=original.message_type,
+            app_id=original.app_id,
+        )
+        confirmation = await self.publisher.basic_publish(
+            delivery.raw.body,
+            exchange="",
+            routing_key=target,
+            properties=properties,
+            mandatory=True,
+        )
+        if not isinstance(confirmation, spec.Basic.Ack):
+            raise ConnectionError(
+                f"the broker did not confirm the publish to {target}: {confirmation!r}"
+            )
+
+    async def _send(self, acks: list[int], others: list[tuple[int, bytes]]) -> None:
+        async with self._lock:
+            # Frames are computed and queued in one critical section so that a
+            # multiple-ack can never overtake a reject it would otherwise swallow.
+            if self.channel.is_closed:
+                self._drop(len(acks) + len(others) + len(self._pending))
+                self._pending.clear()
+                return
+            settled = self._settled_above
+            payload: list[bytes] = []
+            for tag, frame in others:
+                payload.append(frame)
+                settled.add(tag)
+            settled.update(acks)
+            watermark = self._watermark
+            while watermark + 1 in settled:
+                watermark += 1
+                settled.discard(watermark)
+            self._watermark = watermark
+            self._pending.update(acks)
+            if others or len(self._pending) >= self._pending_limit:
+                self._write_pending(payload, everything=len(self._pending) >= self._pending_limit)
+            elif self._pending and self._flush_timer is None:
+                loop = asyncio.get_running_loop()
+                self._flush_timer = loop.call_later(self.ACK_DELAY, self._schedule_flush)
+            if payload:
+                await self._write(payload)
+
+    def _write_pending(self, payload: list[bytes], everything: bool) -> None:
+        """Add the pending acks to `payload`: one multiple-ack for those up to the
+        watermark (every other tag below it was already acked or rejected), and, with
+        `everything`, one frame each for those above it."""
+        pending = self._pending
+        number = self.channel.number
+        below = [tag for tag in pending if tag <= self._watermark]
+        if below:
+            payload.append(frames.ack(number, max(below), multiple=True))
+            pending.difference_update(below)
+            self.stats["multiple_ack_frames"] += 1
+        if everything and pending:
+            payload.extend(frames.ack(number, tag) for tag in sorted(pending))
+            pending.clear()
+
+    async def _write(self, payload: list[bytes]) -> None:
+        await self.channel.write_queue.put(  # type: ignore[attr-defined]
+            ChannelFrame(payload=b"".join(payload), should_close=False)
+        )
+
+    def _schedule_flush(self) -> None:
+        self._flush_timer = None
+        task = asyncio.get_running_loop().create_task(self.flush())
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def flush(self) -> None:
+        """Send every pending ack now."""
+        async with self._lock:
+            if not self._pending:
+                return
+            if self.channel.is_closed:
+                self._drop(len(self._pending))
+                self._pending.clear()
+                return
+            payload: list[bytes] = []
+            self._write_pending(payload, everything=True)
+            await self._write(payload)
+
+    def _drop(self, count: int) -> None:
+        self.stats["dropped_stale"] += count
+        logger.info(
+            "dropping acknowledgements for a closed channel; the broker redelivers",
+            queue=self.options.queue,
+            messages=count,
+        )

@@ -1,0 +1,258 @@
+"""Options of the RabbitMQ producer, validated once when it is built."""
+
+from __future__ import annotations
+
+import math
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, Literal, get_args
+from urllib.parse import quote
+
+from yarl import URL
+
+from ingest.acknowledger import AckAction
+
+# "retry" is RabbitMQ-only: a delayed retry through a TTL queue, then the dead-letter queue.
+RabbitAckAction = AckAction | Literal["retry"]
+RABBIT_ACK_ACTIONS: Final[tuple[str, ...]] = (*get_args(AckAction), "retry")
+
+METADATA_FIELDS: Final = (
+    "delivery_tag",
+    "redelivered",
+    "exchange",
+    "routing_key",
+    "content_type",
+    "content_encoding",
+    "headers",
+    "persistent",
+    "priority",
+    "correlation_id",
+    "message_id",
+    "timestamp",
+    "type",
+    "user_id",
+    "app_id",
+    "reply_to",
+    "expiration",
+)
+
+AfterConnect = Callable[[Any], Awaitable[None]]
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _seconds(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """How long to wait before reconnecting, per failed attempt::
+
+        Backoff("rand_exp", min=1.0, max=30.0)
+
+    `exp` doubles from `min` up to `max`; `rand` is uniform in [min, max]; `rand_exp`
+    doubles with jitter; `stop` gives up (the producer stops, readiness stays false).
+    """
+
+    type: Literal["exp", "rand", "rand_exp", "stop"] = "rand_exp"
+    min: float = 1.0
+    max: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check(
+            self.type in ("exp", "rand", "rand_exp", "stop"),
+            f"backoff type must be exp, rand, rand_exp or stop, not {self.type!r}",
+        )
+        _check(_seconds(self.min) and self.min > 0, f"backoff min must be > 0, got {self.min!r}")
+        _check(
+            _seconds(self.max) and self.max >= self.min,
+            f"backoff max ({self.max!r}) must be >= min ({self.min!r})",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDeclare:
+    """How the queue is declared (`passive=True` only checks that it exists)."""
+
+    durable: bool = True
+    auto_delete: bool = False
+    exclusive: bool = False
+    passive: bool = False
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """A binding of the queue to an exchange (the exchange must exist)::
+
+    Binding("amq.topic", routing_key="bookings.#")
+    """
+
+    exchange: str
+    routing_key: str = ""
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.exchange), "a binding needs an exchange name (not the default one)")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Delayed retries through RabbitMQ itself::
+
+        RetryPolicy(max_attempts=3, delays=(1.0, 10.0))
+
+    A message failed with the `retry` action is republished to `<queue>.retry.<ms>`, a
+    queue whose TTL dead-letters it back to `<queue>`, and acknowledged; the attempt count
+    travels in the `x-ingest-attempts` header. After `max_attempts` failed attempts the
+    message goes to the dead-letter queue. Delay `n` is `delays[n - 1]`, the last repeating.
+    """
+
+    max_attempts: int = 3
+    delays: tuple[float, ...] = (1.0, 5.0, 30.0)
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.max_attempts, int) and self.max_attempts >= 1,
+            f"retry max_attempts must be an int >= 1, got {self.max_attempts!r}",
+        )
+        _check(
+            bool(self.delays) and all(_seconds(d) and d > 0 for d in self.delays),
+            f"retry delays must be a non-empty list of seconds > 0, got {self.delays!r}",
+        )
+
+    def delay(self, attempt: int) -> float:
+        """The delay before attempt `attempt + 1`, after `attempt` failed ones."""
+        return self.delays[min(attempt, len(self.delays)) - 1]
+
+
+@dataclass(frozen=True, slots=True)
+class RabbitMQOptions:
+    """Everything the RabbitMQ producer needs; see the README's table for each option::
+
+        RabbitMQOptions(queue="bookings_queue", url="amqp://guest:guest@localhost/%2F",
+                        prefetch_count=500, retry=RetryPolicy(max_attempts=3))
+
+    `prefetch_count=None` lets the pipeline pick one its batchers can always fill.
+    `dead_letter_queue` (default `<queue>.dlq`, `""` to disable) receives messages that
+    failed with `reject` (or their last retry), with `x-ingest-reason` and
+    `x-ingest-exception` headers; without one, `reject` is a plain basic.reject.
+    """
+
+    queue: str
+    url: str | None = None
+    host: str = "localhost"
+    port: int | None = None
+    username: str = "guest"
+    password: str = field(default="guest", repr=False)
+    virtual_host: str = "/"
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
+    connection_name: str | None = None
+    heartbeat: int = 60
+    prefetch_count: int | None = None
+    prefetch_size: int = 0
+    declare: QueueDeclare | None = field(default_factory=QueueDeclare)
+    bindings: tuple[Binding, ...] = ()
+    on_success: RabbitAckAction = "ack"
+    on_failure: RabbitAckAction | None = None
+    retry: RetryPolicy | None = None
+    dead_letter_queue: str | None = None
+    metadata: tuple[str, ...] = (
+        "delivery_tag",
+        "redelivered",
+        "routing_key",
+        "message_id",
+        "headers",
+    )
+    backoff: Backoff = field(default_factory=Backoff)
+    after_connect: AfterConnect | None = field(default=None, compare=False)
+    consumer_tag: str | None = None
+    consume_exclusive: bool = False
+    consume_arguments: Mapping[str, Any] = field(default_factory=dict)
+    no_ack: bool = False
+    concurrency: int = 1
+    per_producer: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.queue), "queue must be a non-empty queue name")
+        if self.url is not None:
+            scheme = URL(self.url).scheme
+            _check(scheme in ("amqp", "amqps"), f"url must be amqp:// or amqps://, got {scheme!r}")
+        _check(
+            self.prefetch_count is None
+            or (isinstance(self.prefetch_count, int) and self.prefetch_count >= 1),
+            f"prefetch_count must be an int >= 1 (without one RabbitMQ pushes the whole queue "
+            f"into memory), got {self.prefetch_count!r}",
+        )
+        for name in ("on_success", "on_failure"):
+            value = getattr(self, name)
+            _check(
+                value is None or value in RABBIT_ACK_ACTIONS,
+                f"{name} must be one of {', '.join(RABBIT_ACK_ACTIONS)}, not {value!r}",
+            )
+        _check(
+            self.on_failure != "retry" or self.retry is not None,
+            "on_failure='retry' needs a retry policy: set retry=RetryPolicy(...)",
+        )
+        unknown = sorted(set(self.metadata) - set(METADATA_FIELDS))
+        _check(
+            not unknown, f"unknown metadata fields {unknown}; known: {', '.join(METADATA_FIELDS)}"
+        )
+        _check(
+            isinstance(self.concurrency, int) and self.concurrency >= 1,
+            f"producer concurrency must be an int >= 1, got {self.concurrency!r}",
+        )
+        for index, overrides in self.per_producer.items():
+            _check(
+                isinstance(index, int) and 0 <= index < self.concurrency,
+                f"per_producer key {index!r} is not a producer index (0..{self.concurrency - 1})",
+            )
+            bad = sorted(set(overrides) - set(self.__dataclass_fields__))
+            _check(not bad, f"per_producer[{index}] has unknown options {bad}")
+
+    def failure_action(self, raised: bool) -> RabbitAckAction:
+        """`on_failure`, or by default: `retry` for a message whose handler raised when there
+        is a retry policy (the cause may pass), `reject` otherwise — a message failed on
+        purpose (`message.failed(reason)`) goes straight to the dead-letter queue. Never an
+        endless requeue loop."""
+        if self.on_failure is not None:
+            return self.on_failure
+        return "retry" if raised and self.retry is not None else "reject"
+
+    @property
+    def dlq_name(self) -> str | None:
+        if self.dead_letter_queue == "":
+            return None
+        return self.dead_letter_queue or f"{self.queue}.dlq"
+
+    def connection_url(self) -> str:
+        """The AMQP URL, from `url` or from the parts."""
+        if self.url is not None:
+            return self.url
+        scheme = "amqps" if self.ssl_context is not None else "amqp"
+        port = f":{self.port}" if self.port else ""
+        return (
+            f"{scheme}://{quote(self.username, safe='')}:{quote(self.password, safe='')}"
+            f"@{self.host}{port}/{quote(self.virtual_host, safe='')}"
+        )
+
+    def for_producer(self, index: int) -> RabbitMQOptions:
+        """These options with producer `index`'s overrides applied."""
+        overrides = self.per_producer.get(index)
+        return replace(self, **overrides, per_producer={}) if overrides else self
+
+
+def redact(url: str) -> str:
+    """The URL with its password hidden, for logs."""
+    parsed = URL(url)
+    return str(parsed.with_password("***")) if parsed.password else url

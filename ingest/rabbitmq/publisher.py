@@ -1,0 +1,167 @@
+"""Publisher: confirmed, persistent publishing for pipelines that publish downstream."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiormq
+import structlog
+from pamqp import commands as spec
+
+from ingest.rabbitmq.backoff import reconnect_delay
+from ingest.rabbitmq.connection import CONNECTION_ERRORS, open_connection
+from ingest.rabbitmq.options import Backoff, redact
+
+logger = structlog.get_logger("ingest.rabbitmq")
+
+
+class PublishError(Exception):
+    """A publish the broker did not confirm."""
+
+
+class Unroutable(PublishError):
+    """The broker returned the message: no queue is bound for its routing key."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """One message to publish; `message_id` defaults to a fresh UUID."""
+
+    body: bytes
+    routing_key: str
+    exchange: str = ""
+    message_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    headers: Mapping[str, Any] | None = None
+    content_type: str | None = None
+    correlation_id: str | None = None
+
+
+class Publisher:
+    """Publishes with publisher confirms and `mandatory`, so a publish returns only once
+    the broker has the message (persisted, for durable queues) and raises `Unroutable` when
+    no queue would receive it. The connection is opened on first use and again after a
+    loss, with the backoff, for up to `connect_timeout` seconds per publish; the durable
+    `declare_queues` are declared on each connect, so publishing never depends on their
+    consumer having started first::
+
+        async with Publisher("amqp://guest:guest@localhost/%2F") as publisher:
+            await publisher.publish(OutgoingMessage(b"email,foo@email.com", "notifications_queue"))
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        connection_name: str | None = None,
+        backoff: Backoff | None = None,
+        connect_timeout: float = 30.0,
+        publish_timeout: float = 30.0,
+        declare_queues: tuple[str, ...] = (),
+    ) -> None:
+        self.url = url
+        self.declare_queues = declare_queues
+        self.connection_name = connection_name
+        self.backoff = backoff or Backoff("rand_exp", min=0.2, max=5.0)
+        self.connect_timeout = connect_timeout
+        self.publish_timeout = publish_timeout
+        self._connection: aiormq.abc.AbstractConnection | None = None
+        self._channel: aiormq.abc.AbstractChannel | None = None
+        self._connecting = asyncio.Lock()
+
+    async def __aenter__(self) -> Publisher:
+        await self._ensure_channel()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def publish(self, message: OutgoingMessage) -> None:
+        """Publish one message; return when the broker confirmed it."""
+        channel = await self._ensure_channel()
+        properties = spec.Basic.Properties(
+            delivery_mode=2,
+            message_id=message.message_id,
+            headers=dict(message.headers) if message.headers else None,
+            content_type=message.content_type,
+            correlation_id=message.correlation_id,
+        )
+        try:
+            confirmation = await channel.basic_publish(
+                message.body,
+                exchange=message.exchange,
+                routing_key=message.routing_key,
+                properties=properties,
+                mandatory=True,
+                timeout=self.publish_timeout,
+            )
+        except aiormq.exceptions.PublishError as exc:
+            raise Unroutable(
+                f"no queue bound for exchange {message.exchange!r} and routing key "
+                f"{message.routing_key!r} (message_id {message.message_id})"
+            ) from exc
+        except CONNECTION_ERRORS as exc:
+            raise PublishError(f"publish of {message.message_id} failed: {exc!r}") from exc
+        if not isinstance(confirmation, spec.Basic.Ack):
+            raise PublishError(f"the broker refused message {message.message_id}: {confirmation!r}")
+
+    async def publish_many(self, messages: Sequence[OutgoingMessage]) -> None:
+        """Publish concurrently; return when every one is confirmed, else raise the first
+        error (the others may have been published: publish with message_ids you can
+        deduplicate on)."""
+        results = await asyncio.gather(*(self.publish(m) for m in messages), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def close(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and not connection.is_closed:
+            await connection.close()
+
+    async def _ensure_channel(self) -> aiormq.abc.AbstractChannel:
+        channel = self._channel
+        if channel is not None and not channel.is_closed:
+            return channel
+        async with self._connecting:
+            if self._channel is not None and not self._channel.is_closed:
+                return self._channel
+            return await self._reconnect()
+
+    async def _reconnect(self) -> aiormq.abc.AbstractChannel:
+        await self.close()
+        attempt = 0
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                while True:
+                    attempt += 1
+                    try:
+                        connection = await open_connection(self.url, name=self.connection_name)
+                        channel = await connection.channel(
+                            publisher_confirms=True, on_return_raises=True
+                        )
+                        for queue in self.declare_queues:
+                            await channel.queue_declare(queue, durable=True)
+                    except CONNECTION_ERRORS as exc:
+                        delay = reconnect_delay(self.backoff, attempt)
+                        logger.warning(
+                            "publisher cannot connect",
+                            url=redact(self.url),
+                            error=repr(exc),
+                            attempt=attempt,
+                        )
+                        if delay is None:
+                            raise PublishError(
+                                f"cannot connect to {redact(self.url)}: {exc!r}"
+                            ) from exc
+                        await asyncio.sleep(delay)
+                        continue
+                    self._connection, self._channel = connection, channel
+                    return channel
+        except TimeoutError:
+            raise PublishError(
+                f"cannot connect to {redact(self.url)} within {self.connect_timeout}s"
+            ) from None

@@ -1,0 +1,131 @@
+"""Settings: the service's configuration from `INGEST_*` environment variables and a TOML
+file, validated once at start-up."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from ingest.options import Batcher, Processors
+from ingest.rabbitmq.options import RetryPolicy
+
+DEFAULT_CONFIG_FILE = Path("config/ingest.toml")
+
+
+class ProcessorSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    concurrency: PositiveInt | None = None
+    max_demand: PositiveInt | None = None
+
+
+class BatcherSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: PositiveInt | None = None
+    batch_timeout: PositiveFloat | None = None
+    concurrency: PositiveInt | None = None
+
+
+class PipelineSettings(BaseModel):
+    """One pipeline's settings (`INGEST_PIPELINES__<NAME>__...`); unset values keep the
+    pipeline's own defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    queue: str | None = None
+    prefetch_count: PositiveInt | None = None
+    processors: ProcessorSettings = Field(default_factory=ProcessorSettings)
+    batchers: dict[str, BatcherSettings] = Field(default_factory=dict)
+    retry_max_attempts: PositiveInt | None = None
+    retry_delays: list[PositiveFloat] | None = None
+    # bookings only: events whose bookings are closed (fail with "bookings-closed").
+    closed_events: list[str] = Field(default_factory=list)
+
+    def processor_options(self, default: Processors) -> Processors:
+        """The pipeline's processors with these settings applied."""
+        given = self.processors.model_dump(exclude_none=True)
+        return replace(default, **given) if given else default
+
+    def batcher_options(self, defaults: dict[str, Batcher]) -> dict[str, Batcher]:
+        """The pipeline's batchers with these settings applied; unknown names are refused."""
+        unknown = sorted(set(self.batchers) - set(defaults))
+        if unknown:
+            raise ValueError(
+                f"unknown batcher {', '.join(unknown)} in settings; this pipeline has "
+                f"{', '.join(defaults)}"
+            )
+        options = dict(defaults)
+        for name, given in self.batchers.items():
+            values = given.model_dump(exclude_none=True)
+            if values:
+                options[name] = replace(defaults[name], **values)
+        return options
+
+    def retry_policy(self, default: RetryPolicy) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.retry_max_attempts or default.max_attempts,
+            delays=tuple(self.retry_delays) if self.retry_delays else default.delays,
+        )
+
+
+class Settings(BaseSettings):
+    """Everything `ingest run` reads. Environment variables win over the TOML file
+    (`INGEST_CONFIG`, default `config/ingest.toml` when it exists)::
+
+        INGEST_AMQP_URL=amqp://user:pass@rabbitmq:5672/%2F
+        INGEST_PIPELINES__BOOKINGS__CLOSED_EVENTS='["musical"]'
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="INGEST_",
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="forbid",
+    )
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/%2F")
+    database_url: SecretStr = SecretStr("sqlite+aiosqlite:///var/ingest.db")
+    smtp_url: SecretStr | None = None
+    mail_outbox: Path = Path("var/outbox")
+    mail_from: str = "tickets@ingest.local"
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    log_format: Literal["json", "console"] = "console"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    shutdown_timeout: PositiveFloat = 30.0
+    max_body_bytes: PositiveInt = 64 * 1024
+    pipelines: dict[str, PipelineSettings] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = Path(os.environ.get("INGEST_CONFIG", DEFAULT_CONFIG_FILE))
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    def pipeline(self, name: str) -> PipelineSettings:
+        return self.pipelines.get(name) or PipelineSettings()
+
+    def public(self) -> dict[str, Any]:
+        """The settings as logged at start-up: secrets stay masked."""
+        return self.model_dump(mode="json")

@@ -1,0 +1,220 @@
+"""The bookings pipeline (the book's tickets app): parse, check availability, batch per
+event, insert tickets idempotently, publish one notification per ticket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import uuid
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from ingest import Batcher, BatchInfo, Handlers, Message, Pipeline, Processors
+from ingest.hosting import HostedPipeline
+from ingest.producers.csv_file import CsvFileProducer
+from ingest.rabbitmq import (
+    OutgoingMessage,
+    Publisher,
+    RabbitMQOptions,
+    RabbitMQProducer,
+    RetryPolicy,
+)
+from ingest.rabbitmq.connection import client_name
+from ingest.settings import Settings
+from pipelines.db import Database, TicketRow
+from pipelines.payloads import Booking, PayloadError, parse_booking
+
+logger = structlog.get_logger("pipelines.bookings")
+
+QUEUE = "bookings_queue"
+NOTIFICATIONS_QUEUE = "notifications_queue"
+ROUTED_EVENTS = ("cinema", "musical")
+BATCHERS = {
+    "cinema": Batcher(batch_size=75, batch_timeout=1.0),
+    "musical": Batcher(batch_size=100, batch_timeout=1.0),
+    "default": Batcher(batch_size=50, batch_timeout=1.0),
+}
+RETRY = RetryPolicy(max_attempts=5, delays=(1.0, 5.0, 15.0, 30.0))
+SAMPLE_EVENTS = ("cinema", "musical", "spectaculars")
+
+
+class Notifier(Protocol):
+    async def notify(self, messages: list[OutgoingMessage]) -> None: ...
+
+
+class QueueNotifier:
+    """Publishes notifications to the notifications pipeline's queue, with confirms."""
+
+    def __init__(self, publisher: Publisher) -> None:
+        self.publisher = publisher
+
+    async def notify(self, messages: list[OutgoingMessage]) -> None:
+        await self.publisher.publish_many(messages)
+
+
+class FileNotifier:
+    """Without a broker: notifications to send are written as JSON lines to a file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    async def notify(self, messages: list[OutgoingMessage]) -> None:
+        lines = [
+            json.dumps({"message_id": m.message_id, **json.loads(m.body)}) + "\n" for m in messages
+        ]
+        await asyncio.to_thread(self._append, "".join(lines))
+
+    def _append(self, text: str) -> None:
+        with self.path.open("a", encoding="utf-8") as file:
+            file.write(text)
+
+
+class Ticket:
+    """A booking on its way through the pipeline: what was asked, by whom."""
+
+    __slots__ = ("booking", "email", "message_id")
+
+    def __init__(self, booking: Booking, message_id: str) -> None:
+        self.booking = booking
+        self.message_id = message_id
+        self.email = ""
+
+
+class BookingHandlers(Handlers):
+    def __init__(
+        self,
+        db: Database,
+        notifier: Notifier,
+        notifications_queue: str,
+        closed_events: set[str],
+        max_body_bytes: int,
+    ) -> None:
+        self.db = db
+        self.notifier = notifier
+        self.notifications_queue = notifications_queue
+        self.closed_events = closed_events
+        self.max_body_bytes = max_body_bytes
+
+    async def prepare_messages(self, messages: list[Message], context: Any) -> list[Message]:
+        """Parse the chunk, then load every user it names with one query."""
+        for message in messages:
+            try:
+                booking = parse_booking(message.data, self.max_body_bytes)
+            except PayloadError as error:
+                message.failed(str(error))
+                continue
+            message_id = message.metadata.get("message_id") or f"generated:{uuid.uuid4().hex}"
+            message.data = Ticket(booking, message_id)
+        parsed = [m for m in messages if m.is_ok]
+        emails = await self.db.emails_of(m.data.booking.user_id for m in parsed)
+        for message in parsed:
+            ticket: Ticket = message.data
+            email = emails.get(ticket.booking.user_id)
+            if email is None:
+                message.failed(f"unknown user {ticket.booking.user_id}")
+            else:
+                ticket.email = email
+        return messages
+
+    async def handle_message(self, processor: str, message: Message, context: Any) -> Message:
+        event = message.data.booking.event
+        if event in self.closed_events:
+            return message.failed("bookings-closed")
+        return message.put_batcher(event if event in ROUTED_EVENTS else "default")
+
+    async def handle_batch(
+        self, batcher: str, messages: list[Message], batch_info: BatchInfo, context: Any
+    ) -> list[Message]:
+        """One insert for the batch, then its notifications, all confirmed before the
+        batch is acknowledged. A redelivered booking inserts nothing but is notified
+        again, under the same notification id, which the notifications pipeline
+        deduplicates."""
+        tickets: list[Ticket] = [m.data for m in messages]
+        await self.db.insert_tickets(
+            [TicketRow(t.message_id, t.booking.user_id, t.booking.event) for t in tickets]
+        )
+        await self.notifier.notify(
+            [
+                OutgoingMessage(
+                    json.dumps(
+                        {
+                            "type": "email",
+                            "recipient": t.email,
+                            "event": t.booking.event,
+                            "user_id": t.booking.user_id,
+                            "booking": t.message_id,
+                        }
+                    ).encode(),
+                    self.notifications_queue,
+                    message_id=f"{t.message_id}/notification",
+                    content_type="application/json",
+                )
+                for t in tickets
+            ]
+        )
+        logger.debug(
+            "tickets booked", batcher=batcher, count=len(tickets), trigger=batch_info.trigger
+        )
+        return messages
+
+
+def sample_bookings(count: int) -> list[bytes]:
+    """Random bookings like the book's `send_messages` helper."""
+    return [f"{random.choice(SAMPLE_EVENTS)},{random.randint(1, 3)}".encode() for _ in range(count)]
+
+
+def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
+    config = settings.pipeline("bookings")
+    db = Database(settings.database_url.get_secret_value())
+    notifications_queue = settings.pipeline("notifications").queue or NOTIFICATIONS_QUEUE
+    publisher: Publisher | None = None
+    producer: CsvFileProducer | RabbitMQProducer
+    if source is not None:
+        producer = CsvFileProducer(source)
+        notifier: Notifier = FileNotifier(source.with_name(f"{source.stem}.notifications.jsonl"))
+    else:
+        url = settings.amqp_url.get_secret_value()
+        producer = RabbitMQProducer(
+            RabbitMQOptions(
+                queue=config.queue or QUEUE,
+                url=url,
+                connection_name=client_name("ingest-bookings"),
+                prefetch_count=config.prefetch_count,
+                retry=config.retry_policy(RETRY),
+                metadata=("message_id", "redelivered"),
+            )
+        )
+        publisher = Publisher(
+            url,
+            connection_name=client_name("ingest-bookings-publisher"),
+            declare_queues=(notifications_queue,),
+        )
+        notifier = QueueNotifier(publisher)
+    handlers = BookingHandlers(
+        db, notifier, notifications_queue, set(config.closed_events), settings.max_body_bytes
+    )
+    pipeline = Pipeline(
+        "bookings",
+        handlers,
+        producer,
+        processors=config.processor_options(Processors(concurrency=2, max_demand=50)),
+        batchers=config.batcher_options(BATCHERS),
+        shutdown_timeout=settings.shutdown_timeout,
+        handler_timeout=10.0,
+    )
+
+    async def shutdown() -> None:
+        if publisher is not None:
+            await publisher.close()
+        await db.close()
+
+    return HostedPipeline.of(
+        pipeline,
+        config.queue or QUEUE,
+        startup=db.start,
+        shutdown=shutdown,
+        samples=sample_bookings,
+    )

@@ -1,0 +1,153 @@
+"""The tickets database: users, tickets (one per booking message) and the notifications
+already sent, with SQLAlchemy 2 async Core (SQLite by default, PostgreSQL in compose)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    func,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from ingest.hosting import StartupError
+
+metadata = MetaData()
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("email", String(320), nullable=False),
+)
+
+tickets = Table(
+    "tickets",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("message_id", String(255), nullable=False, unique=True),
+    Column("user_id", Integer, ForeignKey("users.id"), nullable=False),
+    Column("event", String(100), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+notifications_sent = Table(
+    "notifications_sent",
+    metadata,
+    Column("message_id", String(255), primary_key=True),
+    Column("recipient", String(320), nullable=False),
+    Column("sent_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+# The book's three users.
+SEED_USERS = (
+    {"id": 1, "email": "foo@email.com"},
+    {"id": 2, "email": "bar@email.com"},
+    {"id": 3, "email": "baz@email.com"},
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TicketRow:
+    message_id: str
+    user_id: int
+    event: str
+
+
+class Database:
+    """The queries the pipelines need, each one statement."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: AsyncEngine = create_async_engine(url, pool_pre_ping=True)
+        self._dialect = parsed.get_backend_name()
+
+    async def start(self) -> None:
+        """Create the schema and seed the users (both idempotent); StartupError, naming the
+        database without its password, if it cannot be reached."""
+        try:
+            async with self.engine.begin() as connection:
+                await connection.run_sync(metadata.create_all)
+                await connection.execute(self._insert_ignoring(users, ["id"]), list(SEED_USERS))
+        except Exception as exc:
+            where = make_url(self.url).render_as_string(hide_password=True)
+            raise StartupError(
+                f"database unreachable at {where} ({type(exc).__name__}: {exc})"
+            ) from exc
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def emails_of(self, user_ids: Iterable[int]) -> dict[int, str]:
+        """The emails of these users, in one query; unknown ids are simply absent."""
+        ids = sorted(set(user_ids))
+        if not ids:
+            return {}
+        async with self.engine.connect() as connection:
+            result = await connection.execute(
+                select(users.c.id, users.c.email).where(users.c.id.in_(ids))
+            )
+            return {row.id: row.email for row in result}
+
+    async def insert_tickets(self, rows: Sequence[TicketRow]) -> None:
+        """Insert the tickets in one statement; a message_id already there is skipped, so a
+        redelivered booking creates no second ticket."""
+        if not rows:
+            return
+        values = [
+            {"message_id": r.message_id, "user_id": r.user_id, "event": r.event} for r in rows
+        ]
+        async with self.engine.begin() as connection:
+            await connection.execute(self._insert_ignoring(tickets, ["message_id"]), values)
+
+    async def sent(self, message_ids: Iterable[str]) -> set[str]:
+        """Which of these notifications were already sent."""
+        ids = list(set(message_ids))
+        if not ids:
+            return set()
+        async with self.engine.connect() as connection:
+            result = await connection.execute(
+                select(notifications_sent.c.message_id).where(
+                    notifications_sent.c.message_id.in_(ids)
+                )
+            )
+            return {row.message_id for row in result}
+
+    async def record_sent(self, recipient: str, message_ids: Iterable[str]) -> None:
+        values = [{"message_id": m, "recipient": recipient} for m in set(message_ids)]
+        if values:
+            async with self.engine.begin() as connection:
+                await connection.execute(
+                    self._insert_ignoring(notifications_sent, ["message_id"]), values
+                )
+
+    async def count_tickets(self) -> int:
+        async with self.engine.connect() as connection:
+            return int(
+                (await connection.execute(select(func.count()).select_from(tickets))).scalar_one()
+            )
+
+    def _insert_ignoring(self, table: Table, keys: list[str]) -> Any:
+        if self._dialect == "postgresql":
+            return postgresql.insert(table).on_conflict_do_nothing(index_elements=keys)
+        if self._dialect == "sqlite":
+            return sqlite.insert(table).on_conflict_do_nothing(index_elements=keys)
+        raise ValueError(
+            f"unsupported database {self._dialect!r}: use sqlite+aiosqlite or postgresql+asyncpg"
+        )

@@ -1,0 +1,92 @@
+"""Mail: the digest email of a batch of notifications, sent over SMTP or written to an
+outbox directory as .eml files."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import make_msgid
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+
+import aiosmtplib
+
+from pipelines.payloads import Notification
+
+
+class Mailer(Protocol):
+    async def send(self, message: EmailMessage) -> None: ...
+
+
+def digest(
+    sender: str, recipient: str, notifications: Sequence[tuple[str, Notification]]
+) -> EmailMessage:
+    """One email listing every notification of a batch, each with its message id."""
+    message = EmailMessage()
+    count = len(notifications)
+    message["From"] = sender
+    message["To"] = recipient
+    message["Subject"] = f"Your {count} ticket notification{'s' if count != 1 else ''}"
+    message["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or None)
+    lines = [
+        f"Hello {recipient},",
+        "",
+        f"{count} update{'s' if count != 1 else ''} on your bookings:",
+        "",
+    ]
+    for message_id, notification in notifications:
+        event = notification.details.get("event")
+        what = f"your {event} ticket is booked" if event else f"{notification.type} notification"
+        lines.append(f"- {what} (ref {message_id})")
+    message.set_content("\n".join([*lines, "", "-- ingest tickets"]))
+    return message
+
+
+class SmtpMailer:
+    """Sends over SMTP: `smtp://[user:password@]host[:port]`, or `smtps://` for TLS."""
+
+    def __init__(self, url: str, timeout: float = 30.0) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+            raise ValueError("INGEST_SMTP_URL must look like smtp://user:password@host:port")
+        self.hostname = parts.hostname
+        self.use_tls = parts.scheme == "smtps"
+        self.port = parts.port or (465 if self.use_tls else 25)
+        self.username = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password else None
+        self.timeout = timeout
+
+    async def send(self, message: EmailMessage) -> None:
+        await aiosmtplib.send(
+            message,
+            hostname=self.hostname,
+            port=self.port,
+            username=self.username,
+            password=self.password,
+            use_tls=self.use_tls,
+            start_tls=False if not self.use_tls else None,
+            timeout=self.timeout,
+        )
+
+
+class OutboxMailer:
+    """Writes each email as an .eml file in a directory (the embedded default)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    async def send(self, message: EmailMessage) -> None:
+        await asyncio.to_thread(self._write, message)
+
+    def _write(self, message: EmailMessage) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        name = f"{stamp}-{uuid.uuid4().hex[:8]}.eml"
+        temporary = self.directory / f".{name}.tmp"
+        temporary.write_bytes(bytes(message))
+        # The rename makes the file appear whole, never half-written.
+        temporary.rename(self.directory / name)

@@ -1,0 +1,113 @@
+"""The notifications pipeline: one digest email per recipient per batch window."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ingest import Batcher, BatchInfo, Handlers, Message, Pipeline, Processors
+from ingest.hosting import HostedPipeline
+from ingest.producers.csv_file import CsvFileProducer
+from ingest.rabbitmq import RabbitMQOptions, RabbitMQProducer, RetryPolicy
+from ingest.rabbitmq.connection import client_name
+from ingest.settings import Settings
+from pipelines.db import Database
+from pipelines.mail import Mailer, OutboxMailer, SmtpMailer, digest
+from pipelines.payloads import Notification, PayloadError, parse_notification
+
+logger = structlog.get_logger("pipelines.notifications")
+
+QUEUE = "notifications_queue"
+PREFETCH = 100
+BATCHERS = {"email": Batcher(batch_size=100, batch_timeout=10.0, concurrency=5)}
+RETRY = RetryPolicy(max_attempts=5, delays=(2.0, 10.0, 30.0, 60.0))
+
+
+class NotificationHandlers(Handlers):
+    def __init__(self, db: Database, mailer: Mailer, sender: str, max_body_bytes: int) -> None:
+        self.db = db
+        self.mailer = mailer
+        self.sender = sender
+        self.max_body_bytes = max_body_bytes
+
+    async def handle_message(self, processor: str, message: Message, context: Any) -> Message:
+        try:
+            notification = parse_notification(message.data, self.max_body_bytes)
+        except PayloadError as error:
+            return message.failed(str(error))
+        message_id = message.metadata.get("message_id") or f"generated:{uuid.uuid4().hex}"
+        message.data = (message_id, notification)
+        return message.put_batcher("email").put_batch_key(notification.recipient)
+
+    async def handle_batch(
+        self, batcher: str, messages: list[Message], batch_info: BatchInfo, context: Any
+    ) -> list[Message]:
+        """One digest for the batch's recipient. Notifications already sent (same
+        message_id, e.g. a redelivered booking) are left out; the email goes before the
+        record of it, so a crash in between repeats an email rather than losing one."""
+        unique: dict[str, Notification] = {}
+        for message in messages:
+            message_id, notification = message.data
+            unique.setdefault(message_id, notification)
+        already = await self.db.sent(unique)
+        fresh = [(mid, n) for mid, n in unique.items() if mid not in already]
+        recipient = str(batch_info.batch_key)
+        if fresh:
+            await self.mailer.send(digest(self.sender, recipient, fresh))
+            await self.db.record_sent(recipient, [mid for mid, _ in fresh])
+        logger.info(
+            "digest sent" if fresh else "digest skipped: all sent before",
+            recipient=recipient,
+            notifications=len(fresh),
+            duplicates=len(messages) - len(fresh),
+            trigger=batch_info.trigger,
+        )
+        return messages
+
+
+def sample_notifications(count: int) -> list[bytes]:
+    """Random notifications for the book's three users."""
+    emails = ("foo@email.com", "bar@email.com", "baz@email.com")
+    return [f"email,{random.choice(emails)}".encode() for _ in range(count)]
+
+
+def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
+    config = settings.pipeline("notifications")
+    db = Database(settings.database_url.get_secret_value())
+    smtp_url = settings.smtp_url.get_secret_value() if settings.smtp_url else None
+    mailer: Mailer = SmtpMailer(smtp_url) if smtp_url else OutboxMailer(settings.mail_outbox)
+    producer: CsvFileProducer | RabbitMQProducer
+    if source is not None:
+        producer = CsvFileProducer(source)
+    else:
+        producer = RabbitMQProducer(
+            RabbitMQOptions(
+                queue=config.queue or QUEUE,
+                url=settings.amqp_url.get_secret_value(),
+                connection_name=client_name("ingest-notifications"),
+                prefetch_count=config.prefetch_count or PREFETCH,
+                retry=config.retry_policy(RETRY),
+                metadata=("message_id", "redelivered"),
+            )
+        )
+    pipeline = Pipeline(
+        "notifications",
+        NotificationHandlers(db, mailer, settings.mail_from, settings.max_body_bytes),
+        producer,
+        processors=config.processor_options(Processors(concurrency=2, max_demand=20)),
+        batchers=config.batcher_options(BATCHERS),
+        shutdown_timeout=settings.shutdown_timeout,
+        handler_timeout=10.0,
+    )
+
+    return HostedPipeline.of(
+        pipeline,
+        config.queue or QUEUE,
+        startup=db.start,
+        shutdown=db.close,
+        samples=sample_notifications,
+    )

@@ -1,0 +1,313 @@
+"""The reliability harness: the real service as a subprocess, the load, the ledger that
+says what was lost or duplicated, and the report the figures go to."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sqlite3
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiormq
+
+from tests.support import Broker, free_port, queue_depth
+
+SCALE = float(os.environ.get("INGEST_RELIABILITY_SCALE", "1"))
+REPORT = os.environ.get("INGEST_RELIABILITY_REPORT")
+
+
+def scaled(count: int) -> int:
+    """The CI count, times INGEST_RELIABILITY_SCALE (bench/reliability.py raises it)."""
+    return max(1, int(count * SCALE))
+
+
+@dataclass
+class Result:
+    scenario: str
+    messages: int
+    faults: str
+    lost: int
+    duplicate_tickets: int
+    duplicate_emails: int
+    recovery_s: float
+    peak_rss_mb: float
+
+
+def record(result: Result) -> None:
+    """Append a scenario's figures to the report file, when one is asked for."""
+    if REPORT:
+        with open(REPORT, "a", encoding="utf-8") as file:
+            file.write(json.dumps(asdict(result)) + "\n")
+
+
+def record_outcome(
+    scenario: str,
+    faults: str,
+    ids: list[str],
+    outcome: dict[str, int],
+    inbox: Any,
+    recovery_s: float,
+    service: ServiceProcess,
+) -> None:
+    """Record a fault scenario from the ledger's outcome (see `settle`)."""
+    record(
+        Result(
+            scenario,
+            len(ids),
+            faults,
+            outcome["lost"],
+            outcome["duplicate_tickets"],
+            duplicate_emails(inbox),
+            round(recovery_s, 1),
+            round(service.peak_rss_mb, 1),
+        )
+    )
+
+
+def duplicate_emails(inbox: Any) -> int:
+    """Notifications that appeared in more than one digest."""
+    refs: Counter[str] = Counter()
+    for message in inbox.messages:
+        refs.update(re.findall(r"\(ref (\S+)\)", message.get_payload()))
+    return sum(count - 1 for count in refs.values() if count > 1)
+
+
+@dataclass
+class ServiceProcess:
+    """`python -m ingest run` with its own queues, database and ports."""
+
+    directory: Path
+    broker: Broker
+    queue_prefix: str
+    smtp_port: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+    http_port: int = field(default_factory=free_port)
+    process: asyncio.subprocess.Process | None = None
+    peak_rss_mb: float = 0.0
+    starts: int = 0
+    _sampler: asyncio.Task[None] | None = None
+
+    @property
+    def database(self) -> Path:
+        return self.directory / "tickets.db"
+
+    @property
+    def bookings_queue(self) -> str:
+        return f"{self.queue_prefix}-bookings"
+
+    @property
+    def notifications_queue(self) -> str:
+        return f"{self.queue_prefix}-notifications"
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INGEST_")}
+        env.update(
+            {
+                "INGEST_CONFIG": str(self.directory / "none.toml"),
+                "INGEST_AMQP_URL": self.broker.amqp_url,
+                "INGEST_DATABASE_URL": f"sqlite+aiosqlite:///{self.database}",
+                "INGEST_MAIL_OUTBOX": str(self.directory / "outbox"),
+                "INGEST_HTTP_PORT": str(self.http_port),
+                "INGEST_LOG_FORMAT": "json",
+                "INGEST_SHUTDOWN_TIMEOUT": "20",
+                "INGEST_PIPELINES__BOOKINGS__QUEUE": self.bookings_queue,
+                "INGEST_PIPELINES__NOTIFICATIONS__QUEUE": self.notifications_queue,
+                "INGEST_PIPELINES__BOOKINGS__RETRY_DELAYS": "[0.5, 1, 2]",
+                "INGEST_PIPELINES__BOOKINGS__RETRY_MAX_ATTEMPTS": "50",
+                "INGEST_PIPELINES__NOTIFICATIONS__RETRY_DELAYS": "[0.5, 1, 2]",
+                "INGEST_PIPELINES__NOTIFICATIONS__RETRY_MAX_ATTEMPTS": "50",
+                "INGEST_PIPELINES__NOTIFICATIONS__BATCHERS__EMAIL__BATCH_TIMEOUT": "0.5",
+            }
+        )
+        if self.smtp_port is not None:
+            env["INGEST_SMTP_URL"] = f"smtp://127.0.0.1:{self.smtp_port}"
+        env.update(self.extra)
+        return env
+
+    async def start(self, ready_timeout: float = 60) -> None:
+        self.starts += 1
+        path = self.directory / f"service-{self.starts}.log"
+        with path.open("wb") as log:  # the child keeps its own descriptor
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "ingest",
+                "run",
+                env=self.environment(),
+                stdout=log,
+                stderr=log,
+            )
+        self._sampler = asyncio.create_task(self._sample_rss(self.process.pid))
+        deadline = time.monotonic() + ready_timeout
+        while not await self.ready():
+            if self.process.returncode is not None:
+                raise AssertionError(
+                    f"the service exited with {self.process.returncode}: {self.log()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"the service was not ready within {ready_timeout}s: {self.log()}"
+                )
+            await asyncio.sleep(0.1)
+
+    async def stop(self, signum: int = signal.SIGTERM, timeout: float = 40) -> tuple[int, float]:
+        """Signal the service; its exit code and how long it took to exit."""
+        assert self.process is not None
+        started = time.monotonic()
+        self.process.send_signal(signum)
+        code = await asyncio.wait_for(self.process.wait(), timeout)
+        if self._sampler is not None:
+            self._sampler.cancel()
+        return code, time.monotonic() - started
+
+    async def ready(self) -> bool:
+        return (await self.get("/readyz"))[0] == 200
+
+    async def alive(self) -> bool:
+        return (await self.get("/healthz"))[0] == 200
+
+    async def get(self, path: str) -> tuple[int, str]:
+        def fetch() -> tuple[int, str]:
+            try:
+                url = f"http://127.0.0.1:{self.http_port}{path}"
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    return response.status, response.read().decode()
+            except urllib.error.HTTPError as error:
+                return error.code, error.read().decode()
+            except OSError:
+                return 0, ""
+
+        return await asyncio.to_thread(fetch)
+
+    def log(self) -> str:
+        return (self.directory / f"service-{self.starts}.log").read_text()[-3000:]
+
+    async def _sample_rss(self, pid: int) -> None:
+        while True:
+            peak = await asyncio.to_thread(peak_rss_mb, pid)
+            if peak is None:
+                return
+            self.peak_rss_mb = max(self.peak_rss_mb, peak)
+            await asyncio.sleep(0.2)
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident set (VmHWM), None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class Ledger:
+    """What the database says happened to each booking."""
+
+    def __init__(self, database: Path) -> None:
+        self.database = database
+
+    def _query(self, sql: str) -> list[tuple[Any, ...]]:
+        if not self.database.exists():
+            return []
+        with sqlite3.connect(self.database, timeout=10) as db:
+            try:
+                return db.execute(sql).fetchall()
+            except sqlite3.OperationalError:  # the schema is not there yet
+                return []
+
+    def tickets(self) -> int:
+        rows = self._query("select count(*) from tickets")
+        return int(rows[0][0]) if rows else 0
+
+    def ticket_ids(self) -> list[str]:
+        return [row[0] for row in self._query("select message_id from tickets")]
+
+    def notified_ids(self) -> set[str]:
+        return {row[0] for row in self._query("select message_id from notifications_sent")}
+
+
+async def publish_bookings(broker: Broker, queue: str, ids: list[str]) -> None:
+    """Publish valid bookings (users 1-3, open events), persistent and confirmed."""
+    connection = await aiormq.connect(broker.amqp_url)
+    channel = await connection.channel(publisher_confirms=True)
+    await channel.queue_declare(queue, durable=True)
+    events = ("cinema", "musical", "comedy")
+    window: list[Any] = []
+    for index, message_id in enumerate(ids):
+        body = f"{events[index % 3]},{index % 3 + 1}".encode()
+        window.append(
+            channel.basic_publish(
+                body,
+                routing_key=queue,
+                properties=aiormq.spec.Basic.Properties(delivery_mode=2, message_id=message_id),
+            )
+        )
+        if len(window) == 500:
+            await asyncio.gather(*window)
+            window.clear()
+    await asyncio.gather(*window)
+    await connection.close()
+
+
+async def wait_for(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        await asyncio.sleep(0.1)
+
+
+async def settle(
+    service: ServiceProcess, broker: Broker, ids: list[str], timeout: float = 120
+) -> dict[str, int]:
+    """Wait for every booking's ticket and notification, stop the service cleanly and
+    check the queues are empty: what is left unacknowledged would be back in them."""
+    ledger = Ledger(service.database)
+    wanted = set(ids)
+
+    async def complete() -> bool:
+        return wanted <= set(ledger.ticket_ids()) and {f"{i}/notification" for i in wanted} <= (
+            ledger.notified_ids()
+        )
+
+    await wait_for(complete, timeout, "every ticket and notification")
+    connection = await aiormq.connect(broker.amqp_url)
+    channel = await connection.channel()
+    work_queues = (service.bookings_queue, service.notifications_queue)
+
+    async def drained() -> bool:
+        # Redeliveries after a fault may still bring repeated notifications: let them pass.
+        return all([await queue_depth(channel, queue) == 0 for queue in work_queues])
+
+    await wait_for(drained, timeout, "the work queues drained")
+    code, _ = await service.stop()
+    assert code == 0, service.log()
+    depths = {
+        queue: await queue_depth(channel, queue)
+        for queue in (
+            service.bookings_queue,
+            service.notifications_queue,
+            f"{service.bookings_queue}.dlq",
+            f"{service.notifications_queue}.dlq",
+        )
+    }
+    await connection.close()
+    tickets = ledger.ticket_ids()
+    return {
+        "lost": len(wanted - set(tickets)),
+        "duplicate_tickets": len(tickets) - len(set(tickets)),
+        "unexpected_tickets": len(set(tickets) - wanted),
+        "left_in_queues": sum(depths.values()),
+    }

@@ -1,0 +1,99 @@
+"""Helpers shared by the integration and reliability tests: the broker under test and
+its management API, and small waits and queue inspections."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import urllib.parse
+import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiormq
+from aiormq.abc import DeliveredMessage
+
+LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class Broker:
+    amqp_url: str
+    management_url: str
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        """Call the management HTTP API (as the management UI does)."""
+        url = urllib.parse.urlsplit(self.amqp_url)
+        request = urllib.request.Request(
+            f"{self.management_url}/api/{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={
+                "content-type": "application/json",
+                "authorization": "Basic "
+                + base64.b64encode(
+                    f"{urllib.parse.unquote(url.username or 'guest')}:"
+                    f"{urllib.parse.unquote(url.password or 'guest')}".encode()
+                ).decode(),
+            },
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            payload = response.read()
+        return json.loads(payload) if payload else None
+
+    async def api_async(self, method: str, path: str, body: Any = None) -> Any:
+        return await asyncio.to_thread(self.api, method, path, body)
+
+
+async def publish(
+    channel: aiormq.abc.AbstractChannel, queue: str, *bodies: bytes, **props: Any
+) -> None:
+    for body in bodies:
+        await channel.basic_publish(
+            body,
+            routing_key=queue,
+            properties=aiormq.spec.Basic.Properties(delivery_mode=2, **props),
+        )
+
+
+async def queue_depth(channel: aiormq.abc.AbstractChannel, queue: str) -> int:
+    """Ready messages in a queue (not counting unacknowledged ones)."""
+    ok = await channel.queue_declare(queue, passive=True)
+    return int(ok.message_count or 0)
+
+
+async def drain_queue(channel: aiormq.abc.AbstractChannel, queue: str) -> list[DeliveredMessage]:
+    """Take every ready message of a queue (basic.get, acked)."""
+    taken = []
+    while True:
+        message = await channel.basic_get(queue, no_ack=True)
+        if message.delivery_tag is None:
+            return taken
+        taken.append(message)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Wait until `check()` is true; fail with a clear message when it never is."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.05)

@@ -1,0 +1,153 @@
+"""RabbitMQ options, the prefetch check, backoff and hand-packed frames (no broker)."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pamqp.frame
+import pytest
+from pamqp import commands as spec
+
+from ingest import Batcher, Handlers, Message, Pipeline, Processors
+from ingest.rabbitmq import Backoff, RabbitMQOptions, RabbitMQProducer, RetryPolicy, frames
+from ingest.rabbitmq.backoff import reconnect_delay
+from ingest.rabbitmq.options import redact
+
+
+class Routes(Handlers):
+    async def handle_message(self, processor: str, message: Message, context: Any) -> Message:
+        return message
+
+    async def handle_batch(self, batcher, messages, batch_info, context):  # type: ignore[no-untyped-def]
+        return messages
+
+
+THREE_BATCHERS = {
+    "cinema": Batcher(batch_size=75),
+    "musical": Batcher(batch_size=100),
+    "default": Batcher(batch_size=50),
+}
+
+
+def test_a_prefetch_too_small_for_the_batchers_is_refused_with_what_to_raise() -> None:
+    producer = RabbitMQProducer(RabbitMQOptions(queue="q", prefetch_count=100))
+    with pytest.raises(ValueError, match=r"raise prefetch_count to at least 225") as error:
+        Pipeline("bookings", Routes(), producer, batchers=THREE_BATCHERS)
+    assert "cinema (75), musical (100), default (50)" in str(error.value)
+
+
+def test_without_a_prefetch_one_the_batchers_can_fill_is_chosen() -> None:
+    producer = RabbitMQProducer(RabbitMQOptions(queue="q"))
+    Pipeline("bookings", Routes(), producer, batchers=THREE_BATCHERS)
+    assert producer.prefetch_count == 450
+
+
+def test_the_pipeline_intake_holds_everything_the_broker_may_send() -> None:
+    producer = RabbitMQProducer(RabbitMQOptions(queue="q", prefetch_count=500, concurrency=2))
+    pipeline = Pipeline("p", Routes(), producer, processors=Processors(concurrency=2))
+    assert pipeline._producer_holds == 1000
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        pytest.param(
+            {"prefetch_count": 0}, "prefetch_count must be an int >= 1", id="zero-prefetch"
+        ),
+        pytest.param(
+            {"on_failure": "requeue"}, "on_failure must be one of ack, reject", id="bad-action"
+        ),
+        pytest.param(
+            {"on_failure": "retry"},
+            "on_failure='retry' needs a retry policy",
+            id="retry-without-policy",
+        ),
+        pytest.param(
+            {"metadata": ("delivery_tag", "colour")},
+            r"unknown metadata fields \['colour'\]",
+            id="bad-metadata",
+        ),
+        pytest.param({"url": "http://localhost"}, "url must be amqp:// or amqps://", id="http-url"),
+        pytest.param(
+            {"per_producer": {3: {}}}, "per_producer key 3 is not a producer index", id="bad-index"
+        ),
+        pytest.param(
+            {"concurrency": 2, "per_producer": {1: {"colour": 1}}},
+            r"per_producer\[1\] has unknown options",
+            id="bad-override",
+        ),
+    ],
+)
+def test_invalid_options_are_refused(options: dict[str, Any], error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        RabbitMQOptions(queue="q", **options)
+
+
+def test_backoff_and_retry_values_are_checked() -> None:
+    with pytest.raises(ValueError, match="backoff max"):
+        Backoff("exp", min=5, max=1)
+    with pytest.raises(ValueError, match="retry delays"):
+        RetryPolicy(delays=())
+
+
+def test_the_default_failure_action_never_loops() -> None:
+    plain = RabbitMQOptions(queue="q")
+    retrying = RabbitMQOptions(queue="q", retry=RetryPolicy())
+    assert plain.failure_action(raised=True) == "reject"
+    assert retrying.failure_action(raised=True) == "retry"
+    assert retrying.failure_action(raised=False) == "reject"
+
+
+def test_connection_url_from_parts_and_redaction() -> None:
+    options = RabbitMQOptions(
+        queue="q", host="mq", port=5673, username="u", password="p@ss", virtual_host="/"
+    )
+    assert options.connection_url() == "amqp://u:p%40ss@mq:5673/%2F"
+    assert redact(options.connection_url()) == "amqp://u:***@mq:5673/%2F"
+    assert "p@ss" not in repr(options)
+
+
+def test_per_producer_overrides_apply_to_their_index_only() -> None:
+    options = RabbitMQOptions(
+        queue="q", concurrency=2, per_producer={1: {"connection_name": "second"}}
+    )
+    assert options.for_producer(0).connection_name is None
+    assert options.for_producer(1).connection_name == "second"
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [("exp", [1.0, 2.0, 4.0, 8.0, 8.0]), ("stop", [None] * 5)],
+    ids=["exp", "stop"],
+)
+def test_reconnect_delays(kind: Any, expected: list[float | None]) -> None:
+    backoff = Backoff(kind, min=1, max=8)
+    assert [reconnect_delay(backoff, attempt) for attempt in range(1, 6)] == expected
+
+
+def test_random_reconnect_delays_stay_within_bounds() -> None:
+    rng = random.Random(1)
+    for kind in ("rand", "rand_exp"):
+        delays = [reconnect_delay(Backoff(kind, min=1, max=8), a, rng) for a in range(1, 50)]  # type: ignore[arg-type]
+        assert all(d is not None and 1 <= d <= 8 for d in delays)
+
+
+def test_retry_delays_repeat_the_last_one() -> None:
+    policy = RetryPolicy(max_attempts=5, delays=(1.0, 10.0))
+    assert [policy.delay(n) for n in range(1, 5)] == [1.0, 10.0, 10.0, 10.0]
+
+
+@pytest.mark.parametrize(
+    ("packed", "method"),
+    [
+        (frames.ack(7, 2**40, multiple=True), spec.Basic.Ack(2**40, True)),
+        (frames.ack(1, 5), spec.Basic.Ack(5, False)),
+        (frames.reject(3, 9, requeue=True), spec.Basic.Reject(9, True)),
+        (frames.nack(2, 4, multiple=True, requeue=False), spec.Basic.Nack(4, True, False)),
+    ],
+    ids=["ack-multiple", "ack", "reject-requeue", "nack"],
+)
+def test_hand_packed_frames_match_pamqp(packed: bytes, method: Any) -> None:
+    channel = packed[2] if packed[1] == 0 else packed[1] << 8 | packed[2]
+    assert packed == pamqp.frame.marshal(method, channel)

@@ -1,0 +1,83 @@
+"""Topology description and instrumentation events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ingest import Batcher, Event, Handlers, InMemoryProducer, Message, Pipeline, Processors
+from ingest.testing import send_batch
+
+from .conftest import MakePipeline
+
+
+class Split(Handlers):
+    async def handle_message(self, processor: str, message: Message, context: Any) -> Message:
+        if message.data == "bad":
+            raise ValueError("bad data")
+        return message.put_batcher("b")
+
+    async def handle_batch(self, batcher, messages, batch_info, context):  # type: ignore[no-untyped-def]
+        return messages
+
+
+def test_topology_names_every_stage_and_its_concurrency() -> None:
+    pipeline = Pipeline(
+        "bookings",
+        Split(),
+        InMemoryProducer(),
+        processors=Processors(concurrency=3),
+        batchers={"b": Batcher(batch_size=5, concurrency=2)},
+    )
+    topology = pipeline.topology()
+    assert topology.producer.name == "InMemoryProducer"
+    assert topology.processors.workers == (
+        "bookings.processor_0",
+        "bookings.processor_1",
+        "bookings.processor_2",
+    )
+    assert [(b.name, b.concurrency, b.workers) for b in topology.batchers] == [
+        ("b", 2, ("bookings.batch_processor_b_0", "bookings.batch_processor_b_1"))
+    ]
+    assert topology.render().splitlines() == [
+        "bookings",
+        "├─ producer InMemoryProducer (concurrency=1)",
+        "├─ processors (concurrency=3, max_demand=10)",
+        "└─ batcher 'b' (concurrency=2, batch_size=5, batch_timeout=1.0)",
+    ]
+
+
+async def test_events_cover_chunks_messages_batches_and_acks(make_pipeline: MakePipeline) -> None:
+    pipeline = await make_pipeline(Split(), batchers={"b": Batcher(batch_size=2)})
+    events: list[Event] = []
+    pipeline.events.subscribe(events.append)
+    await send_batch(pipeline, ["ok", "bad", "ok"])
+    kinds = [event.kind for event in events]
+    assert kinds.count("message.start") == 3
+    assert kinds.count("message.stop") == 2
+    assert kinds.count("message.exception") == 1
+    stop = next(e for e in events if e.kind == "processor.stop")
+    assert (stop.successful, stop.failed) == (2, 1)
+    assert stop.duration is not None
+    assert stop.duration >= 0
+    batch = next(e for e in events if e.kind == "batch.stop")
+    assert batch.batch_info is not None
+    assert batch.batch_info.size == 2
+    acks = [e for e in events if e.kind == "ack"]
+    assert sum(e.successful for e in acks) == 2
+    assert sum(e.failed for e in acks) == 1
+
+
+async def test_a_raising_event_handler_is_detached_and_the_pipeline_goes_on(
+    make_pipeline: MakePipeline,
+) -> None:
+    pipeline = await make_pipeline(Split(), batchers={"b": Batcher(batch_size=1)})
+    calls: list[str] = []
+
+    def broken(event: Event) -> None:
+        calls.append(event.kind)
+        raise RuntimeError("metrics broke")
+
+    pipeline.events.subscribe(broken)
+    result = await send_batch(pipeline, ["ok", "ok"])
+    assert len(result.successful) == 2
+    assert len(calls) == 1
