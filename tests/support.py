@@ -62,6 +62,14 @@ class Broker:
     async def api_async(self, method: str, path: str, body: Any = None) -> Any:
         return await asyncio.to_thread(self.api, method, path, body)
 
+    async def answers(self) -> bool:
+        """Whether the management API answers."""
+        try:
+            await self.api_async("GET", "overview")
+        except OSError:
+            return False
+        return True
+
 
 async def publish(
     channel: aiormq.abc.AbstractChannel, queue: str, *bodies: bytes, **props: Any

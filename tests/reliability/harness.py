@@ -20,10 +20,12 @@ from typing import Any
 
 import aiormq
 
+from ingest.rabbitmq.acknowledger import retry_queue_name
 from tests.support import Broker, free_port, queue_depth
 
 SCALE = float(os.environ.get("INGEST_RELIABILITY_SCALE", "1"))
 REPORT = os.environ.get("INGEST_RELIABILITY_REPORT")
+RETRY_DELAYS = (0.5, 1, 2)  # seconds; the service's retry queues hold a message this long
 
 
 def scaled(count: int) -> int:
@@ -43,6 +45,19 @@ class Result:
     peak_rss_mb: float
 
 
+@dataclass
+class Outcome:
+    """What the ledger and the queues say once a run has settled (see `settle`)."""
+
+    lost: int
+    duplicate_tickets: int
+    unexpected_tickets: int
+    left_in_queues: dict[str, int]  # the queues that are not empty, and their depth
+
+
+CLEAN = Outcome(lost=0, duplicate_tickets=0, unexpected_tickets=0, left_in_queues={})
+
+
 def record(result: Result) -> None:
     """Append a scenario's figures to the report file, when one is asked for."""
     if REPORT:
@@ -54,7 +69,7 @@ def record_outcome(
     scenario: str,
     faults: str,
     ids: list[str],
-    outcome: dict[str, int],
+    outcome: Outcome,
     inbox: Any,
     recovery_s: float,
     service: ServiceProcess,
@@ -65,8 +80,8 @@ def record_outcome(
             scenario,
             len(ids),
             faults,
-            outcome["lost"],
-            outcome["duplicate_tickets"],
+            outcome.lost,
+            outcome.duplicate_tickets,
             duplicate_emails(inbox),
             round(recovery_s, 1),
             round(service.peak_rss_mb, 1),
@@ -109,6 +124,20 @@ class ServiceProcess:
     def notifications_queue(self) -> str:
         return f"{self.queue_prefix}-notifications"
 
+    @property
+    def work_queues(self) -> list[str]:
+        """The queues a message waits in before it is done: both pipelines' queues and
+        their retry queues."""
+        return [
+            name
+            for queue in (self.bookings_queue, self.notifications_queue)
+            for name in (queue, *(retry_queue_name(queue, delay) for delay in RETRY_DELAYS))
+        ]
+
+    @property
+    def dead_letter_queues(self) -> list[str]:
+        return [f"{self.bookings_queue}.dlq", f"{self.notifications_queue}.dlq"]
+
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("INGEST_")}
         env.update(
@@ -122,9 +151,9 @@ class ServiceProcess:
                 "INGEST_SHUTDOWN_TIMEOUT": "20",
                 "INGEST_PIPELINES__BOOKINGS__QUEUE": self.bookings_queue,
                 "INGEST_PIPELINES__NOTIFICATIONS__QUEUE": self.notifications_queue,
-                "INGEST_PIPELINES__BOOKINGS__RETRY_DELAYS": "[0.5, 1, 2]",
+                "INGEST_PIPELINES__BOOKINGS__RETRY_DELAYS": json.dumps(RETRY_DELAYS),
                 "INGEST_PIPELINES__BOOKINGS__RETRY_MAX_ATTEMPTS": "50",
-                "INGEST_PIPELINES__NOTIFICATIONS__RETRY_DELAYS": "[0.5, 1, 2]",
+                "INGEST_PIPELINES__NOTIFICATIONS__RETRY_DELAYS": json.dumps(RETRY_DELAYS),
                 "INGEST_PIPELINES__NOTIFICATIONS__RETRY_MAX_ATTEMPTS": "50",
                 "INGEST_PIPELINES__NOTIFICATIONS__BATCHERS__EMAIL__BATCH_TIMEOUT": "0.5",
             }
@@ -271,7 +300,7 @@ async def wait_for(check: Any, timeout: float, what: str) -> None:
 
 async def settle(
     service: ServiceProcess, broker: Broker, ids: list[str], timeout: float = 120
-) -> dict[str, int]:
+) -> Outcome:
     """Wait for every booking's ticket and notification, stop the service cleanly and
     check the queues are empty: what is left unacknowledged would be back in them."""
     ledger = Ledger(service.database)
@@ -285,29 +314,33 @@ async def settle(
     await wait_for(complete, timeout, "every ticket and notification")
     connection = await aiormq.connect(broker.amqp_url)
     channel = await connection.channel()
-    work_queues = (service.bookings_queue, service.notifications_queue)
+
+    async def depths(queues: list[str]) -> dict[str, int]:
+        return {queue: await queue_depth(channel, queue) for queue in queues}
+
+    # Redeliveries after a fault may still bring repeated work (a booking whose ack the
+    # broker lost, retried because the publisher was still reconnecting): let it pass. The
+    # queues must stay empty for longer than the longest retry delay, since a retried
+    # message is out of sight while it waits in its retry queue.
+    quiet_since: float | None = None
 
     async def drained() -> bool:
-        # Redeliveries after a fault may still bring repeated notifications: let them pass.
-        return all([await queue_depth(channel, queue) == 0 for queue in work_queues])
+        nonlocal quiet_since
+        if any((await depths(service.work_queues)).values()):
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        return quiet_since is not None and time.monotonic() - quiet_since > max(RETRY_DELAYS) + 1
 
-    await wait_for(drained, timeout, "the work queues drained")
+    await wait_for(drained, timeout, "the work and retry queues drained")
     code, _ = await service.stop()
     assert code == 0, service.log()
-    depths = {
-        queue: await queue_depth(channel, queue)
-        for queue in (
-            service.bookings_queue,
-            service.notifications_queue,
-            f"{service.bookings_queue}.dlq",
-            f"{service.notifications_queue}.dlq",
-        )
-    }
+    left = await depths(service.work_queues + service.dead_letter_queues)
     await connection.close()
     tickets = ledger.ticket_ids()
-    return {
-        "lost": len(wanted - set(tickets)),
-        "duplicate_tickets": len(tickets) - len(set(tickets)),
-        "unexpected_tickets": len(set(tickets) - wanted),
-        "left_in_queues": sum(depths.values()),
-    }
+    return Outcome(
+        lost=len(wanted - set(tickets)),
+        duplicate_tickets=len(tickets) - len(set(tickets)),
+        unexpected_tickets=len(set(tickets) - wanted),
+        left_in_queues={queue: count for queue, count in left.items() if count},
+    )

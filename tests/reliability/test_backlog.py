@@ -8,6 +8,7 @@ import uuid
 
 from tests.integration.service import SmtpServer
 from tests.reliability.harness import (
+    CLEAN,
     Result,
     ServiceProcess,
     duplicate_emails,
@@ -32,16 +33,15 @@ async def test_a_large_backlog_behind_a_slow_mail_server_keeps_memory_bounded(
     await service.start()
     outcome = await settle(service, broker, ids, timeout=max(300, len(ids) / 50))
     elapsed = time.monotonic() - started
-    assert outcome["lost"] == 0
-    assert outcome["left_in_queues"] == 0
+    assert outcome == CLEAN
     assert service.peak_rss_mb < RSS_BOUND_MB
     record(
         Result(
             "backlog behind a slow mail server",
             len(ids),
             "SMTP 50 ms per digest; whole backlog queued before start",
-            outcome["lost"],
-            outcome["duplicate_tickets"],
+            outcome.lost,
+            outcome.duplicate_tickets,
             duplicate_emails(smtp.inbox),
             round(elapsed, 1),
             round(service.peak_rss_mb, 1),
