@@ -77,9 +77,11 @@ pytest exited with {status}.
 Each scenario runs the real service (`python -m ingest run`) as a subprocess against the
 real broker, a real SMTP server (aiosmtpd) and its database, publishes bookings with unique
 `message_id`s, injects its faults, then checks the ledger: every message_id has exactly
-one ticket and its notification was sent, the work queues, dead-letter queues and unacked
-counts end at zero (checked after a clean stop, which returns anything unacknowledged to
-its queue), and nothing was acknowledged before it was processed (it would be lost).
+one ticket and its notification was sent, the work, retry and dead-letter queues and the
+unacked counts end at zero (checked after a clean stop, which returns anything
+unacknowledged to its queue, once the work and retry queues have stayed empty for longer
+than the longest retry delay), and nothing was acknowledged before it was processed (it
+would be lost).
 
 - *lost*: bookings without a ticket at the end — must be 0.
 - *duplicate tickets*: tickets beyond one per message_id — must be 0 (the insert is
