@@ -60,6 +60,11 @@ SEED_USERS = (
 )
 
 
+# Any constant that other applications sharing the database do not use for their locks.
+SCHEMA_LOCK_KEY = 0x1E57_71C4
+UNSUPPORTED = "unsupported database {!r}: use sqlite+aiosqlite or postgresql+asyncpg"
+
+
 @dataclass(frozen=True, slots=True)
 class TicketRow:
     message_id: str
@@ -80,9 +85,14 @@ class Database:
 
     async def start(self) -> None:
         """Create the schema and seed the users (both idempotent); StartupError, naming the
-        database without its password, if it cannot be reached."""
+        database without its password, if it cannot be reached.
+
+        Several processes may start at once (`ingest run --workers N`, or pipelines started
+        side by side): each takes a lock for the whole transaction first, so one creates
+        the tables and the others find them, instead of racing on CREATE TABLE."""
         try:
             async with self.engine.begin() as connection:
+                await connection.exec_driver_sql(self._schema_lock())
                 await connection.run_sync(metadata.create_all)
                 await connection.execute(self._insert_ignoring(users, ["id"]), list(SEED_USERS))
         except Exception as exc:
@@ -143,11 +153,17 @@ class Database:
                 (await connection.execute(select(func.count()).select_from(tickets))).scalar_one()
             )
 
+    def _schema_lock(self) -> str:
+        """The statement that makes schema creation exclusive until the transaction ends."""
+        if self._dialect == "postgresql":
+            return f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY})"
+        if self._dialect == "sqlite":
+            return "BEGIN IMMEDIATE"  # the write lock, waited for up to the busy timeout
+        raise ValueError(UNSUPPORTED.format(self._dialect))
+
     def _insert_ignoring(self, table: Table, keys: list[str]) -> Any:
         if self._dialect == "postgresql":
             return postgresql.insert(table).on_conflict_do_nothing(index_elements=keys)
         if self._dialect == "sqlite":
             return sqlite.insert(table).on_conflict_do_nothing(index_elements=keys)
-        raise ValueError(
-            f"unsupported database {self._dialect!r}: use sqlite+aiosqlite or postgresql+asyncpg"
-        )
+        raise ValueError(UNSUPPORTED.format(self._dialect))
