@@ -127,8 +127,6 @@ def main() -> int:
                 "reliability",
                 "-p",
                 "no:cacheprovider",
-                "-o",
-                "timeout=3600",
                 "-q",
                 *(["-k", args.only] if args.only else []),
                 str(ROOT / "tests" / "reliability"),

@@ -16,11 +16,18 @@ import pytest
 from tests.support import LOCAL_URL, POSTGRES_URL, Broker, port_open
 
 
+# pyproject's per-test timeout fits unit and integration tests; a reliability scenario
+# drives thousands of messages through restarts, more at a larger scale.
+RELIABILITY_TIMEOUT_S = 600 * max(1.0, float(os.environ.get("INGEST_RELIABILITY_SCALE", "1")))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         for directory in ("integration", "reliability"):
             if f"tests/{directory}/" in str(item.path):
                 item.add_marker(getattr(pytest.mark, directory))
+        if "tests/reliability/" in str(item.path):
+            item.add_marker(pytest.mark.timeout(RELIABILITY_TIMEOUT_S))
 
 
 @pytest.fixture(scope="session")
