@@ -64,12 +64,14 @@ async def process_batch(rt: Runtime, name: str, batch: Batch) -> None:
 
 def _split(returned: list[Message], batch: list[Message]) -> tuple[list[Message], list[Message]]:
     """Successful and failed messages of a batch; the ones handle_batch did not return are
-    failed rather than leaked (Broadway would never acknowledge them)."""
+    failed rather than leaked (Broadway would never acknowledge them). Only the batch's own
+    messages count: one returned in place of another does not hide the other."""
     successful: list[Message] = []
     failed: list[Message] = []
+    members = {id(message) for message in batch}
     seen: set[int] = set()
     for message in returned:
-        if not isinstance(message, Message) or id(message) in seen:
+        if id(message) not in members or id(message) in seen:
             continue
         seen.add(id(message))
         (successful if message.status is OK else failed).append(message)

@@ -218,6 +218,23 @@ async def test_messages_missing_from_handle_batchs_return_are_failed_not_leaked(
     }
 
 
+class CopyingBatch(Recorder):
+    async def handle_batch(self, batcher, messages, batch_info, context):  # type: ignore[no-untyped-def]
+        stranger = Message(messages[1].data, acknowledger=messages[1].acknowledger)
+        return [messages[0], stranger]
+
+
+async def test_a_message_returned_in_place_of_one_of_the_batch_does_not_hide_it(
+    make_pipeline: MakePipeline,
+) -> None:
+    pipeline = await make_pipeline(CopyingBatch(), batchers={"default": Batcher(batch_size=2)})
+    result = await send_batch(pipeline, [1, 2])
+    assert result.successful_data == [1]
+    assert {m.data: m.failure_reason for m in result.failed} == {
+        2: "missing from the list handle_batch returned",
+    }
+
+
 class WrongReturnBatch(Recorder):
     async def handle_batch(self, batcher, messages, batch_info, context):  # type: ignore[no-untyped-def]
         return None
