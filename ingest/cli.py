@@ -13,6 +13,7 @@ from pathlib import Path
 
 import structlog
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from ingest.hosting import ConfigurationError, StartupError, build, serve
 from ingest.logging import configure_logging
@@ -67,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings()
     except ValidationError as error:
         return _fail(f"invalid settings: {_first_error(error)}", 2)
+    except SettingsError as error:
+        return _fail(f"invalid settings: {error}", 2)
     configure_logging(settings.log_format, settings.log_level)
     if worker := os.environ.get("INGEST_WORKER"):
         structlog.contextvars.bind_contextvars(worker=int(worker))
@@ -87,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(settings: Settings, names: list[str] | None, file: Path | None) -> int:
     if file is not None and not file.is_file():
         raise ConfigurationError(f"no such file: {file}")
+    if file is not None and len(names or ()) != 1:
+        raise ConfigurationError("--file feeds one pipeline: name it with --pipeline")
     hosted = build(settings, names, source=file)
     logger.info("starting", version=version("ingest"), settings=settings.public())
     _run_loop(serve(settings, hosted))

@@ -4,6 +4,7 @@ file, validated once at start-up."""
 from __future__ import annotations
 
 import os
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +14,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -120,7 +122,10 @@ class Settings(BaseSettings):
         config_file = Path(os.environ.get("INGEST_CONFIG", DEFAULT_CONFIG_FILE))
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if config_file.is_file():
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+            try:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+            except tomllib.TOMLDecodeError as error:
+                raise SettingsError(f"{config_file} is not valid TOML: {error}") from error
         return tuple(sources)
 
     def pipeline(self, name: str) -> PipelineSettings:

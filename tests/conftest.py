@@ -15,7 +15,6 @@ import pytest
 
 from tests.support import LOCAL_URL, POSTGRES_URL, Broker, port_open
 
-
 # pyproject's per-test timeout fits unit and integration tests; a reliability scenario
 # drives thousands of messages through restarts, more at a larger scale.
 RELIABILITY_TIMEOUT_S = 600 * max(1.0, float(os.environ.get("INGEST_RELIABILITY_SCALE", "1")))

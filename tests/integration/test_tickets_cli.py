@@ -143,22 +143,56 @@ async def test_topology_prints_every_pipeline(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("arguments", "extra", "toml", "message"),
     [
         (
+            (),
             {"INGEST_PIPELINES__BOOKINGS__PREFETCH_COUNT": "10"},
+            None,
             "raise prefetch_count to at least 225",
         ),
-        ({"INGEST_PIPELINES__BOOKINGS__BATCHERS__OPERA__BATCH_SIZE": "5"}, "unknown batcher opera"),
-        ({"INGEST_PIPELINES__CONCERTS__QUEUE": "q"}, "settings name unknown pipeline concerts"),
-        ({"INGEST_HTTP_PORT": "http"}, "invalid settings: http_port"),
+        (
+            (),
+            {"INGEST_PIPELINES__BOOKINGS__BATCHERS__OPERA__BATCH_SIZE": "5"},
+            None,
+            "unknown batcher opera",
+        ),
+        (
+            (),
+            {"INGEST_PIPELINES__CONCERTS__QUEUE": "q"},
+            None,
+            "settings name unknown pipeline concerts",
+        ),
+        ((), {"INGEST_HTTP_PORT": "http"}, None, "invalid settings: http_port"),
+        (
+            (),
+            {"INGEST_PIPELINES__BOOKINGS__CLOSED_EVENTS": "musical"},
+            None,
+            'error parsing value for field "pipelines"',
+        ),
+        ((), {}, "[pipelines.bookings\n", "none.toml is not valid TOML"),
+        (("--file", "pyproject.toml"), {}, None, "--file feeds one pipeline"),
     ],
-    ids=["prefetch-too-small", "unknown-batcher", "unknown-pipeline", "bad-port"],
+    ids=[
+        "prefetch-too-small",
+        "unknown-batcher",
+        "unknown-pipeline",
+        "bad-port",
+        "env-not-json",
+        "bad-toml",
+        "file-for-every-pipeline",
+    ],
 )
 async def test_a_configuration_error_exits_2_with_one_clear_line(
-    tmp_path: Path, extra: dict[str, str], message: str
+    tmp_path: Path,
+    arguments: tuple[str, ...],
+    extra: dict[str, str],
+    toml: str | None,
+    message: str,
 ) -> None:
-    code, _, err = await ingest("run", environment=env(tmp_path, **extra))
+    if toml is not None:
+        (tmp_path / "none.toml").write_text(toml)
+    code, _, err = await ingest("run", *arguments, environment=env(tmp_path, **extra))
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1
