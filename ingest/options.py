@@ -11,12 +11,14 @@ from ingest.message import Message
 from ingest.typing import SizeStep
 
 
-def _positive_int(owner: str, name: str, value: object) -> None:
+def positive_int(owner: str, name: str, value: object) -> None:
+    """ValueError, naming the option, unless `value` is an int >= 1 (and not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{owner}: {name} must be an int >= 1, got {value!r}")
 
 
-def _positive_seconds(owner: str, name: str, value: object) -> None:
+def positive_seconds(owner: str, name: str, value: object) -> None:
+    """ValueError, naming the option, unless `value` is a finite number of seconds > 0."""
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
@@ -41,8 +43,8 @@ class Processors:
     min_demand: int | None = None
 
     def __post_init__(self) -> None:
-        _positive_int("processors", "concurrency", self.concurrency)
-        _positive_int("processors", "max_demand", self.max_demand)
+        positive_int("processors", "concurrency", self.concurrency)
+        positive_int("processors", "max_demand", self.max_demand)
         if self.min_demand is not None:
             if (
                 isinstance(self.min_demand, bool)
@@ -81,7 +83,7 @@ def byte_budget(
 
     Batcher(batch_size=byte_budget(64_000))
     """
-    _positive_int("byte_budget", "max_bytes", max_bytes)
+    positive_int("byte_budget", "max_bytes", max_bytes)
 
     def step(message: Message, acc: int) -> tuple[bool, int]:
         acc += measure(message)
@@ -105,9 +107,9 @@ class Batcher:
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, CustomBatchSize):
-            _positive_int("batcher", "batch_size", self.batch_size)
-        _positive_seconds("batcher", "batch_timeout", self.batch_timeout)
-        _positive_int("batcher", "concurrency", self.concurrency)
+            positive_int("batcher", "batch_size", self.batch_size)
+        positive_seconds("batcher", "batch_timeout", self.batch_timeout)
+        positive_int("batcher", "concurrency", self.concurrency)
 
     @property
     def max_messages(self) -> int | None:
@@ -126,5 +128,5 @@ class RateLimiting:
     interval: float = 1.0
 
     def __post_init__(self) -> None:
-        _positive_int("rate_limiting", "allowed_messages", self.allowed_messages)
-        _positive_seconds("rate_limiting", "interval", self.interval)
+        positive_int("rate_limiting", "allowed_messages", self.allowed_messages)
+        positive_seconds("rate_limiting", "interval", self.interval)

@@ -14,7 +14,7 @@ from ingest.buffer import Buffer
 from ingest.events import Event, EventBus
 from ingest.handlers import Handlers, overrides
 from ingest.message import Message, fail_with_exception
-from ingest.options import Batcher, Processors, RateLimiting
+from ingest.options import Batcher, Processors, RateLimiting, positive_seconds
 from ingest.processor import PROCESSOR_KEY, run_processor
 from ingest.producer import BoundProducer, PipelineShape, Producer
 from ingest.rate_limiter import RateLimiter
@@ -83,12 +83,9 @@ class Pipeline:
             )
         if partition_by is not None and not callable(partition_by):
             raise TypeError("partition_by must be a callable taking a message, returning an int")
-        for label, seconds in (
-            ("shutdown_timeout", shutdown_timeout),
-            ("handler_timeout", handler_timeout),
-        ):
-            if seconds is not None and (not isinstance(seconds, int | float) or seconds <= 0):
-                raise ValueError(f"{label} must be a number of seconds > 0, got {seconds!r}")
+        positive_seconds("pipeline", "shutdown_timeout", shutdown_timeout)
+        if handler_timeout is not None:
+            positive_seconds("pipeline", "handler_timeout", handler_timeout)
 
         self.name = name
         self.handlers = handlers

@@ -194,11 +194,27 @@ class RabbitMQOptions:
             f"prefetch_count must be an int >= 1 (without one RabbitMQ pushes the whole queue "
             f"into memory), got {self.prefetch_count!r}",
         )
-        for name in ("on_success", "on_failure"):
+        for name, low, high in (
+            ("port", 1, 65535),
+            ("heartbeat", 0, 65535),  # seconds; 0 turns heartbeats off
+            ("prefetch_size", 0, 2**32 - 1),  # bytes; 0 means no limit
+        ):
             value = getattr(self, name)
             _check(
-                value is None or value in RABBIT_ACK_ACTIONS,
-                f"{name} must be one of {', '.join(RABBIT_ACK_ACTIONS)}, not {value!r}",
+                (name == "port" and value is None)
+                or (
+                    isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+                ),
+                f"{name} must be an int from {low} to {high}, got {value!r}",
+            )
+        for name, allowed in (
+            ("on_success", get_args(AckAction)),  # a success has nothing to retry
+            ("on_failure", RABBIT_ACK_ACTIONS),
+        ):
+            value = getattr(self, name)
+            _check(
+                value is None or value in allowed,
+                f"{name} must be one of {', '.join(allowed)}, not {value!r}",
             )
         _check(
             self.on_failure != "retry" or self.retry is not None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -76,10 +77,15 @@ def test_a_producer_must_implement_the_producer_protocol() -> None:
         Pipeline("p", Minimal(), object())  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("seconds", [0, -1, "5"], ids=["zero", "negative", "string"])
-def test_timeouts_must_be_positive_numbers(seconds: Any) -> None:
-    with pytest.raises(ValueError, match="shutdown_timeout must be a number of seconds > 0"):
-        Pipeline("p", Minimal(), InMemoryProducer(), shutdown_timeout=seconds)
+@pytest.mark.parametrize(
+    "seconds",
+    [0, -1, "5", True, math.nan, math.inf],
+    ids=["zero", "negative", "string", "bool", "nan", "inf"],
+)
+@pytest.mark.parametrize("option", ["shutdown_timeout", "handler_timeout"])
+def test_timeouts_must_be_positive_numbers(option: str, seconds: Any) -> None:
+    with pytest.raises(ValueError, match=f"{option} must be a number of seconds > 0"):
+        Pipeline("p", Minimal(), InMemoryProducer(), **{option: seconds})
 
 
 def test_batcher_names_must_be_non_empty_strings() -> None:

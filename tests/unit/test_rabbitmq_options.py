@@ -64,6 +64,16 @@ def test_the_pipeline_intake_holds_everything_the_broker_may_send() -> None:
             id="retry-without-policy",
         ),
         pytest.param(
+            {"on_success": "retry", "retry": RetryPolicy()},
+            "on_success must be one of ack, reject, reject_and_requeue, reject_and_requeue_once,",
+            id="retry-on-success",
+        ),
+        pytest.param({"port": 70000}, "port must be an int from 1 to 65535", id="bad-port"),
+        pytest.param({"heartbeat": -1}, "heartbeat must be an int from 0", id="bad-heartbeat"),
+        pytest.param(
+            {"prefetch_size": "1MB"}, "prefetch_size must be an int from 0", id="bad-prefetch-size"
+        ),
+        pytest.param(
             {"metadata": ("delivery_tag", "colour")},
             r"unknown metadata fields \['colour'\]",
             id="bad-metadata",
