@@ -108,6 +108,8 @@ class ChannelAcknowledger:
 
     def configure(self, ack_data: Any, options: Mapping[str, Any]) -> Any:
         checked = validate_ack_options(options, RABBIT_ACK_ACTIONS)
+        if checked.get("on_success") == "retry":
+            raise ValueError("on_success cannot be 'retry': a success has nothing to retry")
         if "retry" in checked.values() and self.options.retry is None:
             raise ValueError("the 'retry' action needs the producer's retry policy")
         return Delivery(

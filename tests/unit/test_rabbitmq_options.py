@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from typing import Any
 
 import pamqp.frame
@@ -11,6 +12,7 @@ from pamqp import commands as spec
 
 from ingest import Batcher, Handlers, Message, Pipeline, Processors
 from ingest.rabbitmq import Backoff, RabbitMQOptions, RabbitMQProducer, RetryPolicy, frames
+from ingest.rabbitmq.acknowledger import ChannelAcknowledger
 from ingest.rabbitmq.backoff import reconnect_delay
 from ingest.rabbitmq.options import redact
 
@@ -161,3 +163,16 @@ def test_retry_delays_repeat_the_last_one() -> None:
 def test_hand_packed_frames_match_pamqp(packed: bytes, method: Any) -> None:
     channel = packed[2] if packed[1] == 0 else packed[1] << 8 | packed[2]
     assert packed == pamqp.frame.marshal(method, channel)
+
+
+def test_configure_ack_refuses_retry_on_success_and_retry_without_a_policy() -> None:
+    def acknowledger(options: RabbitMQOptions) -> ChannelAcknowledger:
+        # configure() only reads the options: no channel is needed to check them.
+        return ChannelAcknowledger(None, None, options, Counter(), 10)  # type: ignore[arg-type]
+
+    with pytest.raises(ValueError, match="on_success cannot be 'retry'"):
+        acknowledger(RabbitMQOptions(queue="q", retry=RetryPolicy())).configure(
+            None, {"on_success": "retry"}
+        )
+    with pytest.raises(ValueError, match="needs the producer's retry policy"):
+        acknowledger(RabbitMQOptions(queue="q")).configure(None, {"on_failure": "retry"})
