@@ -19,6 +19,7 @@ from ingest.pipeline import Pipeline
 from ingest.producers.csv_file import CsvFileProducer
 from ingest.rabbitmq.producer import RabbitMQProducer
 from ingest.settings import Settings
+from ingest.terminator import CLOSE_TIMEOUT_S
 
 logger = structlog.get_logger("ingest.service")
 
@@ -171,7 +172,11 @@ async def serve(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await asyncio.gather(*(item.pipeline.stop() for item in hosted.values()))
-        for item in hosted.values():
+        for name, item in hosted.items():
             if item.shutdown is not None:
-                await item.shutdown()
+                try:
+                    async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                        await item.shutdown()
+                except TimeoutError:
+                    logger.warning("pipeline shutdown hook timed out", pipeline=name)
         await http.stop()

@@ -14,6 +14,11 @@ from ingest.runtime import Runtime
 
 logger = structlog.get_logger("ingest")
 
+# After the drain, closing the producer (sending its last acks, closing its connection)
+# gets this long: a broker that does not answer must not eat the grace period a container
+# runtime leaves before SIGKILL. Whatever was not acknowledged is redelivered.
+CLOSE_TIMEOUT_S = 5.0
+
 
 @dataclass(eq=False)
 class Stages:
@@ -60,7 +65,10 @@ async def shut_down(rt: Runtime, producer: Producer, stages: Stages, timeout: fl
         await asyncio.gather(*stages.all_tasks(), return_exceptions=True)
     finally:
         try:
-            await producer.close()
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await producer.close()
+        except TimeoutError:
+            log.warning("producer close timed out; the broker redelivers what it did not ack")
         except Exception:
             log.exception("producer close raised")
     log.info("stopped", unacknowledged=rt.in_flight)

@@ -33,6 +33,8 @@ def supervise(workers: int, arguments: Sequence[str], http_port: int) -> int:
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         for index in range(workers):
+            if stopping:  # a signal came while the first workers were starting
+                break
             env = dict(os.environ)
             env["INGEST_WORKER"] = str(index)
             if http_port:
@@ -40,6 +42,8 @@ def supervise(workers: int, arguments: Sequence[str], http_port: int) -> int:
             children.append(
                 subprocess.Popen([sys.executable, "-m", "ingest", "run", *arguments], env=env)
             )
+        if stopping:  # reach a worker started while the signal was being handled
+            stop(signal.SIGTERM)
         logger.info("workers started", workers=workers, pids=[c.pid for c in children])
         while any(child.poll() is None for child in children):
             if not stopping and any(child.poll() is not None for child in children):

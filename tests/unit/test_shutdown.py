@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from ingest import Batcher, Handlers, InMemoryProducer, Message, Pipeline, Processors
+from ingest import Batcher, Handlers, InMemoryProducer, Message, Pipeline, Processors, terminator
 from ingest.producers.memory import ProducerNotRunning
 from ingest.testing import push_messages
 
@@ -100,6 +100,24 @@ async def test_the_producer_is_drained_first_and_closed_last() -> None:
         pending = await push_messages(pipeline, [1, 2])
     assert producer.calls == ["drain", "close"]
     assert (await pending.wait(0)).successful_data == [1, 2]
+
+
+class HangingClose(InMemoryProducer):
+    async def close(self) -> None:
+        await asyncio.Event().wait()  # a broker that never answers
+
+
+async def test_a_producer_close_that_hangs_is_given_up_after_its_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(terminator, "CLOSE_TIMEOUT_S", 0.1)
+    pipeline = Pipeline("test", SlowBatches(), HangingClose())
+    await pipeline.start()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.wait_for(pipeline.stop(), 5)
+    assert loop.time() - started < 2
+    assert pipeline.state == "stopped"
 
 
 async def test_stop_is_idempotent_and_concurrent_calls_wait_for_the_same_drain(
