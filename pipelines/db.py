@@ -3,7 +3,7 @@ already sent, with SQLAlchemy 2 async Core (SQLite by default, PostgreSQL in com
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,7 +94,7 @@ class Database:
             async with self.engine.begin() as connection:
                 await connection.exec_driver_sql(self._schema_lock())
                 await connection.run_sync(metadata.create_all)
-                await connection.execute(self._insert_ignoring(users, ["id"]), list(SEED_USERS))
+                await connection.execute(self._insert_ignoring(users, ["id"], SEED_USERS))
         except Exception as exc:
             where = make_url(self.url).render_as_string(hide_password=True)
             raise StartupError(
@@ -124,7 +124,7 @@ class Database:
             {"message_id": r.message_id, "user_id": r.user_id, "event": r.event} for r in rows
         ]
         async with self.engine.begin() as connection:
-            await connection.execute(self._insert_ignoring(tickets, ["message_id"]), values)
+            await connection.execute(self._insert_ignoring(tickets, ["message_id"], values))
 
     async def sent(self, message_ids: Iterable[str]) -> set[str]:
         """Which of these notifications were already sent."""
@@ -144,7 +144,7 @@ class Database:
         if values:
             async with self.engine.begin() as connection:
                 await connection.execute(
-                    self._insert_ignoring(notifications_sent, ["message_id"]), values
+                    self._insert_ignoring(notifications_sent, ["message_id"], values)
                 )
 
     async def count_tickets(self) -> int:
@@ -161,9 +161,14 @@ class Database:
             return "BEGIN IMMEDIATE"  # the write lock, waited for up to the busy timeout
         raise ValueError(UNSUPPORTED.format(self._dialect))
 
-    def _insert_ignoring(self, table: Table, keys: list[str]) -> Any:
+    def _insert_ignoring(
+        self, table: Table, keys: list[str], rows: Sequence[Mapping[str, Any]]
+    ) -> Any:
+        """One multi-row INSERT of `rows` that skips those whose `keys` are already there."""
         if self._dialect == "postgresql":
-            return postgresql.insert(table).on_conflict_do_nothing(index_elements=keys)
-        if self._dialect == "sqlite":
-            return sqlite.insert(table).on_conflict_do_nothing(index_elements=keys)
-        raise ValueError(UNSUPPORTED.format(self._dialect))
+            insert: Any = postgresql.insert
+        elif self._dialect == "sqlite":
+            insert = sqlite.insert
+        else:
+            raise ValueError(UNSUPPORTED.format(self._dialect))
+        return insert(table).values(list(rows)).on_conflict_do_nothing(index_elements=keys)
