@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from pathlib import Path
@@ -27,12 +28,19 @@ BATCHERS = {"email": Batcher(batch_size=100, batch_timeout=10.0, concurrency=5)}
 RETRY = RetryPolicy(max_attempts=5, delays=(2.0, 10.0, 30.0, 60.0))
 
 
+# Digests for one recipient are sent one at a time (check, send, record), so that two
+# batches carrying the same notification side by side cannot both email it. Recipients
+# share this many locks by hash: bounded memory, and different recipients rarely wait.
+RECIPIENT_LOCKS = 64
+
+
 class NotificationHandlers(Handlers):
     def __init__(self, db: Database, mailer: Mailer, sender: str, max_body_bytes: int) -> None:
         self.db = db
         self.mailer = mailer
         self.sender = sender
         self.max_body_bytes = max_body_bytes
+        self._locks = [asyncio.Lock() for _ in range(RECIPIENT_LOCKS)]
 
     async def handle_message(self, processor: str, message: Message, context: Any) -> Message:
         try:
@@ -53,12 +61,13 @@ class NotificationHandlers(Handlers):
         for message in messages:
             message_id, notification = message.data
             unique.setdefault(message_id, notification)
-        already = await self.db.sent(unique)
-        fresh = [(mid, n) for mid, n in unique.items() if mid not in already]
         recipient = str(batch_info.batch_key)
-        if fresh:
-            await self.mailer.send(digest(self.sender, recipient, fresh))
-            await self.db.record_sent(recipient, [mid for mid, _ in fresh])
+        async with self._locks[hash(recipient) % RECIPIENT_LOCKS]:
+            already = await self.db.sent(unique)
+            fresh = [(mid, n) for mid, n in unique.items() if mid not in already]
+            if fresh:
+                await self.mailer.send(digest(self.sender, recipient, fresh))
+                await self.db.record_sent(recipient, [mid for mid, _ in fresh])
         logger.info(
             "digest sent" if fresh else "digest skipped: all sent before",
             recipient=recipient,
