@@ -11,8 +11,8 @@ Scenarios (each fills its own queue, then drains it in a fresh process):
                             `ingest run --workers 2` runs them
   bookings_sqlite           the bookings pipeline end to end: users looked up and tickets
                             inserted in SQLite, one notification published per ticket
-  backlog_rss               `ingest run --pipeline bookings` with --backlog messages waiting:
-                            the service's peak RSS after 15 s (no throughput figure)
+  backlog_rss               `ingest run` (both pipelines) with --backlog messages waiting:
+                            the service's peak RSS over 60 s (no throughput figure)
 
 One JSON line per scenario: scenario, messages, msgs_per_s, ratio_to_bare (to
 bare_aiormq), cpu_s, peak_rss_mb, latency_p50_ms and latency_p99_ms (publish to ack: the
@@ -307,6 +307,7 @@ async def bookings_sqlite(url: str, queue: str, count: int, latencies: Latencies
         nonlocal acked
         if event.kind == "ack":
             acked += len(event.messages)
+            latencies.acked([m.metadata.get("message_id") for m in event.messages])
             if acked >= count:
                 done.set()
 
@@ -358,8 +359,9 @@ def run_one(scenario: str, url: str, queue: str, count: int) -> dict[str, Any]:
     }
 
 
-def backlog_rss(url: str, count: int, seconds: float = 15.0) -> dict[str, Any]:
-    """The real service with `count` bookings waiting: its peak RSS while it works."""
+def backlog_rss(url: str, count: int, seconds: float = 60.0) -> dict[str, Any]:
+    """The whole service (`ingest run`: bookings and notifications in one process) with
+    `count` bookings waiting: its peak RSS while it works through them for `seconds`."""
     queue = f"bench-backlog-{uuid.uuid4().hex[:8]}"
     asyncio.run(fill(url, queue, count))
     directory = tempfile.mkdtemp()
@@ -368,14 +370,13 @@ def backlog_rss(url: str, count: int, seconds: float = 15.0) -> dict[str, Any]:
         "INGEST_AMQP_URL": url,
         "INGEST_CONFIG": f"{directory}/none.toml",
         "INGEST_DATABASE_URL": f"sqlite+aiosqlite:///{directory}/tickets.db",
+        "INGEST_MAIL_OUTBOX": f"{directory}/outbox",
         "INGEST_HTTP_PORT": "0",
         "INGEST_LOG_LEVEL": "WARNING",
         "INGEST_PIPELINES__BOOKINGS__QUEUE": queue,
         "INGEST_PIPELINES__NOTIFICATIONS__QUEUE": f"{queue}-notifications",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ingest", "run", "--pipeline", "bookings"], env=env
-    )
+    process = subprocess.Popen([sys.executable, "-m", "ingest", "run"], env=env)
     peak = 0.0
     deadline = time.monotonic() + seconds
     try:
@@ -385,8 +386,8 @@ def backlog_rss(url: str, count: int, seconds: float = 15.0) -> dict[str, Any]:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
-        for name in (queue, f"{queue}.dlq", f"{queue}-notifications"):
-            asyncio.run(delete_queue(url, name))
+        asyncio.run(delete_queue(url, queue))
+        asyncio.run(delete_queue(url, f"{queue}-notifications"))
     return {
         "scenario": "backlog_rss",
         "messages": count,
@@ -396,13 +397,14 @@ def backlog_rss(url: str, count: int, seconds: float = 15.0) -> dict[str, Any]:
 
 
 async def delete_queue(url: str, queue: str) -> None:
+    """A queue and the dead-letter and retry queues either pipeline may have made for it."""
+    from ingest.rabbitmq.acknowledger import retry_queue_name
+    from pipelines import bookings, notifications
+
+    delays = {*bookings.RETRY.delays, *notifications.RETRY.delays}
     connection = await aiormq.connect(url)
     channel = await connection.channel()
-    for name in (
-        queue,
-        f"{queue}.dlq",
-        *(f"{queue}.retry.{ms}ms" for ms in (1000, 5000, 15000, 30000)),
-    ):
+    for name in (queue, f"{queue}.dlq", *(retry_queue_name(queue, d) for d in delays)):
         await channel.queue_delete(name)
     await connection.close()
 
