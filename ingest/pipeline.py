@@ -143,9 +143,15 @@ class Pipeline:
 
     def topology(self) -> Topology:
         processors = self.processors
+        # A producer made of several consumers says how many (RabbitMQ's `concurrency`).
+        producers = getattr(self.producer, "concurrency", 1)
         return Topology(
             pipeline=self.name,
-            producer=StageGroup(type(self.producer).__name__, 1, (f"{self.name}.producer_0",)),
+            producer=StageGroup(
+                type(self.producer).__name__,
+                producers,
+                tuple(f"{self.name}.producer_{i}" for i in range(producers)),
+            ),
             processors=StageGroup(
                 PROCESSOR_KEY,
                 processors.concurrency,

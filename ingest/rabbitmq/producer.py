@@ -109,6 +109,11 @@ class RabbitMQProducer:
     def ready(self) -> bool:
         return all(consumer.ready for consumer in self._consumers)
 
+    @property
+    def concurrency(self) -> int:
+        """How many consumers (connections) feed the pipeline; shown in the topology."""
+        return len(self._consumers)
+
     def bind(self, shape: PipelineShape) -> int:
         """Check prefetch against the batchers (or pick one), before anything starts."""
         needed = required_prefetch(shape)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ingest import Batcher, Event, Handlers, InMemoryProducer, Message, Pipeline, Processors
+from ingest.rabbitmq import RabbitMQOptions, RabbitMQProducer
 from ingest.testing import send_batch
 
 from .conftest import MakePipeline
@@ -44,6 +45,13 @@ def test_topology_names_every_stage_and_its_concurrency() -> None:
         "├─ processors (concurrency=3, max_demand=10)",
         "└─ batcher 'b' (concurrency=2, batch_size=5, batch_timeout=1.0)",
     ]
+
+
+def test_topology_shows_the_rabbitmq_producers_concurrency() -> None:
+    producer = RabbitMQProducer(RabbitMQOptions(queue="q", prefetch_count=100, concurrency=2))
+    pipeline = Pipeline("bookings", Split(), producer, batchers={"b": Batcher(batch_size=5)})
+    assert pipeline.topology().producer.workers == ("bookings.producer_0", "bookings.producer_1")
+    assert "├─ producer RabbitMQProducer (concurrency=2)" in pipeline.topology().render()
 
 
 async def test_events_cover_chunks_messages_batches_and_acks(make_pipeline: MakePipeline) -> None:
