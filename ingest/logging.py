@@ -58,15 +58,17 @@ def log_failures(event: Event) -> None:
     each hook that raised (subscribe it with `pipeline.events.subscribe`)."""
     log = structlog.get_logger("ingest.pipeline").bind(pipeline=event.pipeline, stage=event.stage)
     if event.kind == "ack" and event.failed:
+        # A message failed by a processor never reached a batcher: no batcher to name.
+        batched = not event.stage.startswith("processor_")
         for message in event.messages:
             if message.is_ok:
                 continue
+            where = {"batcher": message.batcher, "batch_key": message.batch_key} if batched else {}
             log.warning(
                 "message failed",
                 message_id=message.metadata.get("message_id"),
-                batcher=message.batcher,
-                batch_key=message.batch_key,
                 reason=message.failure_reason,
+                **where,
             )
     elif event.kind == "batch.exception" and event.batch_info is not None:
         log.error(

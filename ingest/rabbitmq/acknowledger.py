@@ -194,7 +194,9 @@ class ChannelAcknowledger:
                 logger.error(
                     "could not publish; requeueing the message instead",
                     queue=self.options.queue,
+                    message_id=message.ack_data.raw.header.properties.message_id,
                     target=target,
+                    reason=message.failure_reason,
                     error=repr(result),
                 )
                 others.append((tag, frames.reject(self.channel.number, tag, requeue=True)))
