@@ -55,7 +55,10 @@ async def process_chunk(rt: Runtime, name: str, chunk: list[Message]) -> None:
             )
     except Exception as exc:
         for message in chunk:
-            fail_with_exception(message, exc, "prepare_messages")
+            # A message the hook failed on purpose before raising keeps its own reason
+            # (a bad payload stays a bad payload while the database is down).
+            if message.is_ok:
+                fail_with_exception(message, exc, "prepare_messages")
         failed = chunk
         if events:
             events.emit(Event("processor.exception", rt.pipeline, name, chunk, exception=exc))

@@ -95,6 +95,25 @@ async def test_an_exception_in_prepare_messages_fails_the_whole_chunk(
     assert set(result.failed_reasons) == {"prepare_messages raised ValueError: cannot prepare"}
 
 
+class FailsThenRaises(RaisingPrepare):
+    async def prepare_messages(self, messages: list[Message], context: Any) -> list[Message]:
+        for message in messages:
+            if message.data == "garbage":
+                message.failed("not a booking")
+        raise ConnectionError("database down")
+
+
+async def test_a_failure_set_before_prepare_messages_raised_is_kept(
+    make_pipeline: MakePipeline,
+) -> None:
+    pipeline = await make_pipeline(FailsThenRaises(), processors=Processors(max_demand=10))
+    result = await send_batch(pipeline, ["garbage", "fine"])
+    assert {m.data: m.failure_reason for m in result.failed} == {
+        "garbage": "not a booking",
+        "fine": "prepare_messages raised ConnectionError: database down",
+    }
+
+
 class ShortPrepare(Handlers):
     async def prepare_messages(self, messages: list[Message], context: Any) -> list[Message]:
         return messages[:-1]
