@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, text
 
-from pipelines.db import Database, TicketRow, metadata, users
+from pipelines.db import SQLITE_CACHE_KIB, Database, TicketRow, metadata, users
 
 START = (
     "import asyncio, sys; from pipelines.db import Database; "
@@ -72,4 +73,14 @@ async def test_a_batch_of_tickets_is_one_insert_and_a_repeated_one_adds_nothing(
         assert statements == [("SELECT", False)]
     finally:
         event.remove(db.engine.sync_engine, "before_cursor_execute", record)
+        await db.close()
+
+
+async def test_sqlite_connections_keep_a_small_page_cache(tmp_path: Path) -> None:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path}/tickets.db")
+    try:
+        async with db.engine.connect() as connection:
+            pages = await connection.scalar(text("PRAGMA cache_size"))
+        assert pages == -SQLITE_CACHE_KIB  # negative: a size in KiB rather than in pages
+    finally:
         await db.close()
