@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -16,7 +17,7 @@ from ingest.handlers import Handlers, overrides
 from ingest.message import Message, fail_with_exception
 from ingest.options import Batcher, Processors, RateLimiting, positive_seconds
 from ingest.processor import PROCESSOR_KEY, run_processor
-from ingest.producer import BoundProducer, PipelineShape, Producer
+from ingest.producer import HOLD_SHARE, BoundProducer, PipelineShape, Producer
 from ingest.rate_limiter import RateLimiter
 from ingest.runtime import Batch, Runtime
 from ingest.terminator import Stages, shut_down
@@ -205,7 +206,7 @@ class Pipeline:
         if holds:
             # Batches close early rather than hold three quarters of the producer's
             # unacknowledged messages: see BatcherStage.
-            rt.hold_limit = max(1, holds * 3 // 4)
+            rt.hold_limit = max(1, math.floor(holds * HOLD_SHARE))
         stages = Stages(intake=inboxes)
         for name, options in self.batchers.items():
             self._start_batcher(rt, stages, name, options)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Protocol, runtime_checkable
 
 from ingest.message import Message
@@ -41,6 +43,12 @@ class Producer(Protocol):
     async def close(self) -> None: ...
 
 
+# When a producer bounds what it leaves unacknowledged (a broker's prefetch), the oldest
+# open batch closes early once open batches hold this share of the bound (BatcherStage),
+# so that many dynamic batch keys cannot take it all and stall the pipeline.
+HOLD_SHARE = Fraction(3, 4)
+
+
 @dataclass(frozen=True, slots=True)
 class PipelineShape:
     """What a producer may need to know of the pipeline it feeds."""
@@ -49,6 +57,15 @@ class PipelineShape:
     processors: Processors
     batchers: Mapping[str, Batcher]
     partitioned: bool
+
+    def batch_sizes(self) -> int:
+        """The messages one full batch of every batcher holds (custom sizes: their cap)."""
+        return sum(batcher.max_messages or 0 for batcher in self.batchers.values())
+
+    def bound_for_full_batches(self) -> int:
+        """The smallest bound on unacknowledged messages with which one batch of every
+        batcher can fill (by size) before the open batches reach HOLD_SHARE of it."""
+        return math.ceil(self.batch_sizes() / HOLD_SHARE)
 
 
 @runtime_checkable

@@ -24,7 +24,7 @@ logger = structlog.get_logger("pipelines.notifications")
 
 QUEUE = "notifications_queue"
 PREFETCH = 100
-BATCHERS = {"email": Batcher(batch_size=100, batch_timeout=10.0, concurrency=5)}
+BATCHERS = {"email": Batcher(batch_size=75, batch_timeout=10.0, concurrency=5)}
 RETRY = RetryPolicy(max_attempts=5, delays=(2.0, 10.0, 30.0, 60.0))
 
 

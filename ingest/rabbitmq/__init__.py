@@ -17,7 +17,7 @@ from ingest.rabbitmq.options import (
     RabbitMQOptions,
     RetryPolicy,
 )
-from ingest.rabbitmq.producer import RabbitMQProducer, required_prefetch
+from ingest.rabbitmq.producer import RabbitMQProducer
 from ingest.rabbitmq.publisher import OutgoingMessage, Publisher, PublishError, Unroutable
 
 __all__ = [
@@ -38,6 +38,5 @@ __all__ = [
     "RabbitMQProducer",
     "RetryPolicy",
     "Unroutable",
-    "required_prefetch",
     "retry_queue_name",
 ]

@@ -82,11 +82,6 @@ def _deliver_directly(
     return True
 
 
-def required_prefetch(shape: PipelineShape) -> int:
-    """Unacknowledged messages needed so that one batch of every batcher can fill."""
-    return sum(b.max_messages or 0 for b in shape.batchers.values())
-
-
 class RabbitMQProducer:
     """Feeds a pipeline from a RabbitMQ queue (broadway_rabbitmq's producer).
 
@@ -116,11 +111,11 @@ class RabbitMQProducer:
 
     def bind(self, shape: PipelineShape) -> int:
         """Check prefetch against the batchers (or pick one), before anything starts."""
-        needed = required_prefetch(shape)
+        needed = shape.bound_for_full_batches()
         if self.options.prefetch_count is None:
             processors = shape.processors
             self.prefetch_count = max(
-                50, 2 * needed, processors.concurrency * processors.max_demand
+                50, 2 * shape.batch_sizes(), processors.concurrency * processors.max_demand
             )
         elif self.options.prefetch_count < needed:
             sizes = ", ".join(
@@ -130,10 +125,9 @@ class RabbitMQProducer:
             )
             raise ValueError(
                 f"pipeline {shape.name!r}: prefetch_count {self.options.prefetch_count} is "
-                f"smaller than the {needed} messages the batchers {sizes} need to fill one "
-                f"batch each, so batches would only close on their timeout; raise "
-                f"prefetch_count to at least {needed} (twice that for throughput) or lower "
-                f"the batch sizes"
+                f"too small for the batchers {sizes} to fill one batch each (open batches "
+                f"close early once they hold 3/4 of the prefetch); raise prefetch_count to "
+                f"at least {needed} (more for throughput) or lower the batch sizes"
             )
         else:
             self.prefetch_count = self.options.prefetch_count

@@ -139,7 +139,7 @@ async def test_topology_prints_every_pipeline(tmp_path: Path) -> None:
     code, out, _ = await ingest("topology", environment=env(tmp_path))
     assert code == 0
     assert "bookings\n├─ producer RabbitMQProducer (concurrency=1)" in out
-    assert "└─ batcher 'email' (concurrency=5, batch_size=100, batch_timeout=10.0)" in out
+    assert "└─ batcher 'email' (concurrency=5, batch_size=75, batch_timeout=10.0)" in out
 
 
 @pytest.mark.parametrize(
@@ -149,7 +149,7 @@ async def test_topology_prints_every_pipeline(tmp_path: Path) -> None:
             (),
             {"INGEST_PIPELINES__BOOKINGS__PREFETCH_COUNT": "10"},
             None,
-            "raise prefetch_count to at least 225",
+            "raise prefetch_count to at least 300",
         ),
         (
             (),

@@ -294,12 +294,12 @@ async def test_batch_processors_all_receive_work(
 
 
 class Prefetching(InMemoryProducer):
-    """Delivers its queue like a broker with prefetch 8: never more than 8 unacknowledged."""
+    """Delivers its queue like a broker with a prefetch: never more than that many
+    unacknowledged (8 unless told)."""
 
-    PREFETCH = 8
-
-    def __init__(self, data: list[Any]) -> None:
+    def __init__(self, data: list[Any], prefetch: int = 8) -> None:
         super().__init__()
+        self.PREFETCH = prefetch
         self.waiting = list(data)
         self.unacked = 0
         self.acked: list[Any] = []
@@ -341,3 +341,23 @@ async def test_dynamic_keys_never_stall_a_pipeline_behind_its_prefetch() -> None
         # Only what sits in the last open batches (under 3/4 of the prefetch) still waits.
         assert len(producer.acked) >= len(data) - 6
         assert set(handlers.triggers()) == {"flush"}
+
+
+@pytest.mark.parametrize(("prefetch", "all_by_size"), [(8, True), (5, False)])
+async def test_with_the_prefetch_the_check_asks_for_static_batches_fill_by_size(
+    prefetch: int, all_by_size: bool
+) -> None:
+    batchers = {"a": Batcher(batch_size=3, batch_timeout=60), "b": Batcher(batch_size=3)}
+    shape = PipelineShape("p", Processors(), batchers, partitioned=False)
+    assert shape.bound_for_full_batches() == 8  # one batch of each (6) is 3/4 of 8
+    data = [f"{'ab'[i % 2]}:k:{i}" for i in range(24)]
+    producer = Prefetching(data, prefetch=prefetch)
+    handlers = Recorder()
+    async with Pipeline("p", handlers, producer, batchers=batchers):
+        for _ in range(100):
+            if len(producer.acked) == len(data):
+                break
+            await asyncio.sleep(0.01)
+    assert len(producer.acked) == len(data)  # never a stall
+    # Below the bound (the control), open batches reach 3/4 of the prefetch and close early.
+    assert (set(handlers.triggers()) == {"size"}) is all_by_size

@@ -34,7 +34,7 @@ THREE_BATCHERS = {
 
 def test_a_prefetch_too_small_for_the_batchers_is_refused_with_what_to_raise() -> None:
     producer = RabbitMQProducer(RabbitMQOptions(queue="q", prefetch_count=100))
-    with pytest.raises(ValueError, match=r"raise prefetch_count to at least 225") as error:
+    with pytest.raises(ValueError, match=r"raise prefetch_count to at least 300") as error:
         Pipeline("bookings", Routes(), producer, batchers=THREE_BATCHERS)
     assert "cinema (75), musical (100), default (50)" in str(error.value)
 
