@@ -27,6 +27,7 @@ EventKind = Literal[
     "batch.stop",
     "batch.exception",
     "ack",
+    "ack.exception",
     "handle_failed.exception",
 ]
 
@@ -39,7 +40,8 @@ class Event:
       `successful` / `failed` count the chunk's outcome.
     - `message.*`: one `handle_message` call (emitted only while someone subscribes).
     - `batch.*`: one `handle_batch` call, with its `batch_info`.
-    - `ack`: one acknowledger call, with the counts it settled.
+    - `ack`: one acknowledger call, with the counts it settled; `ack.exception` instead
+      when the acknowledger raised (nothing was acknowledged; a broker redelivers).
     - `*.exception` carry the exception; `*.stop` carry `duration` in seconds.
     """
 

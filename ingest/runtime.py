@@ -10,7 +10,7 @@ import structlog
 from ingest.acknowledger import group_by_acknowledger
 from ingest.batch_info import BatchTrigger
 from ingest.buffer import Buffer
-from ingest.events import Event, EventBus
+from ingest.events import Event, EventBus, EventKind
 from ingest.handlers import Handlers
 from ingest.message import Failed, Message
 from ingest.rate_limiter import RateLimiter
@@ -59,6 +59,8 @@ class Runtime:
         if failed:
             failed = await self._handle_failed(stage, failed)
         for acknowledger, (ok, bad) in group_by_acknowledger(successful, failed).items():
+            kind: EventKind = "ack"
+            error: Exception | None = None
             try:
                 await acknowledger.ack(ok, bad)
             except Exception as exc:
@@ -71,10 +73,17 @@ class Runtime:
                     failed=len(bad),
                     error=repr(exc),
                 )
+                kind, error = "ack.exception", exc
             if self.events:
                 self.events.emit(
                     Event(
-                        "ack", self.pipeline, stage, ok + bad, successful=len(ok), failed=len(bad)
+                        kind,
+                        self.pipeline,
+                        stage,
+                        ok + bad,
+                        successful=len(ok),
+                        failed=len(bad),
+                        exception=error,
                     )
                 )
         self.settled += len(successful) + len(failed)

@@ -9,6 +9,7 @@ import pytest
 
 from ingest import Batcher, Handlers, Message, Processors
 from ingest.acknowledger import validate_ack_options
+from ingest.events import Event
 from ingest.testing import CollectingAcknowledger, send_batch, send_message
 
 from .conftest import MakePipeline
@@ -79,8 +80,16 @@ async def test_an_acknowledger_that_raises_does_not_stop_the_pipeline(
     make_pipeline: MakePipeline,
 ) -> None:
     pipeline = await make_pipeline(PassThrough())
+    events: list[Event] = []
+    pipeline.events.subscribe(events.append)
     broken = BrokenAcknowledger()
     await pipeline.producer.push([Message(0, broken)])  # type: ignore[attr-defined]
     result = await send_message(pipeline, 2)
     assert result.successful_data == [2]
     assert broken.calls == 1
+    # The message that could not be acknowledged is reported as such, not as processed.
+    acks = [(e.kind, [m.data for m in e.messages]) for e in events if e.kind.startswith("ack")]
+    assert acks == [("ack.exception", [0]), ("ack", [2])]
+    assert isinstance(
+        events[[e.kind for e in events].index("ack.exception")].exception, ConnectionError
+    )
