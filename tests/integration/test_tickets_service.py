@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import aiormq
 import pytest
+from sqlalchemy.engine import make_url
 
 from ingest.rabbitmq import REASON_HEADER
+from pipelines.db import Database
+from tests.support import TcpProxy
 
 from .conftest import Broker, drain_queue, eventually, queue_depth
 from .service import Inbox, RunningService, metric, publish_from_ui, running_service, smtp_server
@@ -198,11 +202,11 @@ async def _true(value: bool) -> bool:
     return value
 
 
-@pytest.fixture
-async def quick_retry_service(
+def quick_retries(
     broker: Broker, queues: dict[str, str], database_url: str, tmp_path: Any
-) -> AsyncIterator[RunningService]:
-    async with running_service(
+) -> AbstractAsyncContextManager[RunningService]:
+    """The service with bookings retried every 0.3 s (20 attempts) and an outbox."""
+    return running_service(
         amqp_url=broker.amqp_url,
         database_url=database_url,
         mail_outbox=tmp_path / "outbox",
@@ -217,7 +221,14 @@ async def quick_retry_service(
                 "batchers": {"email": {"batch_timeout": 0.2}},
             },
         },
-    ) as running:
+    )
+
+
+@pytest.fixture
+async def quick_retry_service(
+    broker: Broker, queues: dict[str, str], database_url: str, tmp_path: Any
+) -> AsyncIterator[RunningService]:
+    async with quick_retries(broker, queues, database_url, tmp_path) as running:
         yield running
 
 
@@ -240,6 +251,41 @@ async def test_a_database_outage_is_retried_with_delay_until_it_ends(
     await eventually(lambda: _true(len(list((tmp_path / "outbox").glob("*.eml"))) == 1), timeout=10)
     [email] = (tmp_path / "outbox").glob("*.eml")
     assert b"To: bar@email.com" in email.read_bytes()
+
+
+async def test_a_database_server_going_away_is_retried_until_it_returns(
+    broker: Broker, queues: dict[str, str], database_url: str, tmp_path: Any
+) -> None:
+    """The connection-level outage: PostgreSQL refuses connections and the pooled ones
+    are cut (through a proxy), then it comes back. The pool reconnects; nothing is lost."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("a database server to cut off: PostgreSQL")
+    url = make_url(database_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    await proxy.resume()
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(False)
+    async with quick_retries(broker, queues, proxied, tmp_path) as running:
+        direct = Database(database_url)  # the test's own view, not through the proxy
+
+        async def ticketed(count: int) -> bool:
+            return await direct.count_tickets() == count
+
+        try:
+            publish_from_ui(broker, queues["bookings"], "cinema,1", "before")
+            await eventually(lambda: ticketed(1), timeout=15)
+            await proxy.cut()
+            publish_from_ui(broker, queues["bookings"], "musical,2", "during")
+            await eventually(lambda: _retried(running, 2), timeout=15)
+            assert await ticketed(1)
+            await proxy.resume()
+            await eventually(lambda: ticketed(2), timeout=30)
+            assert sorted(await tickets(running)) == [
+                ("before", 1, "cinema"),
+                ("during", 2, "musical"),
+            ]
+        finally:
+            await direct.close()
+    await proxy.cut()
 
 
 async def _retried(running: RunningService, count: int) -> bool:
