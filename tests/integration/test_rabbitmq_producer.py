@@ -132,7 +132,7 @@ async def test_drain_cancels_the_consumer_and_acks_what_is_in_flight(
     pipeline, producer = await make_rabbit_pipeline(
         handlers,
         {"batchers": {"default": Batcher(batch_size=1000, batch_timeout=60)}},
-        prefetch_count=1000,
+        prefetch_count=2000,
     )
     await publish(amqp, queue_name, *(b"d%d" % i for i in range(100)))
     await eventually(lambda: _true(len(handlers.messages) >= 5))
