@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import pamqp.frame
 import pytest
@@ -15,13 +16,41 @@ from pamqp.heartbeat import Heartbeat
 
 from ingest.rabbitmq import frame_reader
 
+EVERY_SIMPLE_PROPERTY = spec.Basic.Properties(
+    content_type="text/plain",
+    content_encoding="utf-8",
+    delivery_mode=2,
+    priority=5,
+    correlation_id="c-1",
+    reply_to="replies",
+    expiration="60000",
+    message_id="m-2",
+    message_type="booking",
+    user_id="guest",
+    app_id="tickets",
+)
 FRAMES = [
     (1, spec.Basic.Deliver("ctag", 7, True, "", "bookings_queue")),
     (1, ContentHeader(0, 8, spec.Basic.Properties(message_id="m-1", headers={"k": "v"}))),
     (1, ContentBody(b"cinema,1")),
+    (1, spec.Basic.Deliver("ctag-é", 2**40, False, "amq.topic", "bookings.✓")),
+    (1, ContentHeader(0, 8, spec.Basic.Properties(delivery_mode=2, message_id="m-1"))),
+    (1, ContentHeader(0, 0, spec.Basic.Properties())),
+    (1, ContentHeader(0, 99, EVERY_SIMPLE_PROPERTY)),
+    (1, ContentHeader(0, 1, spec.Basic.Properties(timestamp=datetime(2026, 11, 22, tzinfo=UTC)))),
     (0, Heartbeat()),
     (2, spec.Basic.Ack(99, True)),
+    (1, spec.Basic.GetOk(3, False, "", "q", 0)),
 ]
+
+
+def fields(frame: object) -> dict[str, object]:
+    """Every attribute of a frame (and of a header's properties), to compare exactly."""
+    names = getattr(frame, "__slots__", None) or vars(frame)
+    values = {name: getattr(frame, name) for name in names}
+    if isinstance(frame, ContentHeader):
+        values["properties"] = fields(frame.properties)
+    return values
 
 
 def stream(data: bytes) -> asyncio.StreamReader:
@@ -47,6 +76,16 @@ async def test_the_fast_reader_returns_what_aiormqs_returns() -> None:
     assert [pamqp.frame.marshal(f, c) for _, c, f in ours] == [
         pamqp.frame.marshal(f, c) for _, c, f in theirs
     ]
+    assert [fields(f) for _, _, f in ours] == [fields(f) for _, _, f in theirs]
+
+
+async def test_a_malformed_delivery_is_decoded_as_pamqp_decodes_it() -> None:
+    good = pamqp.frame.marshal(spec.Basic.Deliver("ctag", 7, False, "", "q"), 1)
+    # The routing key claims more bytes than the frame holds: pamqp's lenient decoding.
+    bad = good[:-3] + b"\x09" + good[-2:]
+    [(_, _, ours)] = [await frame_reader.get_frame(FrameReceiver(stream(bad)))]
+    [(_, _, theirs)] = [await frame_reader.ORIGINAL(FrameReceiver(stream(bad)))]
+    assert fields(ours) == fields(theirs)
 
 
 async def test_a_truncated_stream_is_a_connection_error() -> None:
