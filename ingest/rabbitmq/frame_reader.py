@@ -33,13 +33,16 @@ _LONGLONG = struct.Struct(">Q")
 _HEADER_FIELDS = struct.Struct(">HHQH")  # class id, weight, body size, property flags
 _FLAGS = Basic.Properties.flags
 _PAMQP_ONLY = _FLAGS["headers"] | _FLAGS["timestamp"] | 1  # 1: a second flag word follows
-_SIMPLE_PROPERTIES = tuple(
-    (name, _FLAGS[name], getattr(Basic.Properties, f"_{name}") == "octet")
+# Every property in wire order: its flag, whether it is an octet (else a short string;
+# the table and the timestamp never come this way), and its value when absent.
+_PROPERTIES = tuple(
+    (
+        name,
+        _FLAGS[name],
+        getattr(Basic.Properties, f"_{name}") == "octet",
+        getattr(Basic.Properties(), name),
+    )
     for name in Basic.Properties.__slots__
-    if not _FLAGS[name] & _PAMQP_ONLY
-)
-_PROPERTY_DEFAULTS = tuple(
-    (name, getattr(Basic.Properties(), name)) for name in Basic.Properties.__slots__
 )
 
 
@@ -113,18 +116,17 @@ def _content_header(payload: bytes) -> ContentHeader | None:
     if flags & _PAMQP_ONLY:
         return None
     properties = Basic.Properties.__new__(Basic.Properties)
-    for name, default in _PROPERTY_DEFAULTS:
-        setattr(properties, name, default)
     offset = _HEADER_FIELDS.size
-    for name, flag, is_octet in _SIMPLE_PROPERTIES:
-        if flags & flag:
-            if is_octet:
-                setattr(properties, name, payload[offset])
-                offset += 1
-            else:
-                end = offset + 1 + payload[offset]
-                setattr(properties, name, payload[offset + 1 : end].decode())
-                offset = end
+    for name, flag, is_octet, absent in _PROPERTIES:
+        if not flags & flag:
+            setattr(properties, name, absent)
+        elif is_octet:
+            setattr(properties, name, payload[offset])
+            offset += 1
+        else:
+            end = offset + 1 + payload[offset]
+            setattr(properties, name, payload[offset + 1 : end].decode())
+            offset = end
     if offset != len(payload) - 1:
         raise ValueError("content header has trailing or missing bytes")
     content_header = ContentHeader.__new__(ContentHeader)
