@@ -19,7 +19,7 @@ from ingest.pipeline import Pipeline
 from ingest.producers.csv_file import CsvFileProducer
 from ingest.rabbitmq.producer import RabbitMQProducer
 from ingest.settings import Settings
-from ingest.terminator import CLOSE_TIMEOUT_S
+from ingest.terminator import close_within
 
 logger = structlog.get_logger("ingest.service")
 
@@ -174,9 +174,7 @@ async def serve(
         await asyncio.gather(*(item.pipeline.stop() for item in hosted.values()))
         for name, item in hosted.items():
             if item.shutdown is not None:
-                try:
-                    async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                        await item.shutdown()
-                except TimeoutError:
-                    logger.warning("pipeline shutdown hook timed out", pipeline=name)
+                await close_within(
+                    item.shutdown(), logger.bind(pipeline=name), "pipeline shutdown hook"
+                )
         await http.stop()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 from ingest.buffer import Buffer
 from ingest.message import Message
@@ -64,14 +66,21 @@ async def shut_down(rt: Runtime, producer: Producer, stages: Stages, timeout: fl
             task.cancel()
         await asyncio.gather(*stages.all_tasks(), return_exceptions=True)
     finally:
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                await producer.close()
-        except TimeoutError:
-            log.warning("producer close timed out; the broker redelivers what it did not ack")
-        except Exception:
-            log.exception("producer close raised")
+        await close_within(producer.close(), log, "producer close")
     log.info("stopped", unacknowledged=rt.in_flight)
+
+
+async def close_within(closing: Awaitable[None], log: FilteringBoundLogger, what: str) -> None:
+    """Await one step of closing down for at most CLOSE_TIMEOUT_S; a step that hangs or
+    raises is logged and the shutdown goes on (what a broker did not see acknowledged, it
+    redelivers)."""
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            await closing
+    except TimeoutError:
+        log.warning(f"{what} timed out", timeout=CLOSE_TIMEOUT_S)
+    except Exception:
+        log.exception(f"{what} raised")
 
 
 async def _join(tasks: list[asyncio.Task[None]]) -> None:

@@ -7,6 +7,8 @@ import asyncio
 from typing import Any
 
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
 from ingest import Batcher, Handlers, InMemoryProducer, Message, Pipeline, Processors, terminator
 from ingest.producers.memory import ProducerNotRunning
@@ -134,3 +136,14 @@ async def test_a_pipeline_starts_once(make_pipeline: MakePipeline) -> None:
     pipeline = await make_pipeline(SlowBatches())
     with pytest.raises(RuntimeError, match="a pipeline starts once"):
         await pipeline.start()
+
+
+async def test_a_closing_step_that_raises_is_logged_and_the_shutdown_goes_on() -> None:
+    async def broken() -> None:
+        raise ConnectionError("already gone")
+
+    with capture_logs() as logs:
+        await terminator.close_within(broken(), structlog.get_logger("test"), "database close")
+    assert [(line["event"], line["log_level"]) for line in logs] == [
+        ("database close raised", "error")
+    ]
