@@ -63,8 +63,12 @@ SEED_USERS = (
 
 # Any constant that other applications sharing the database do not use for their locks.
 SCHEMA_LOCK_KEY = 0x1E57_71C4
-UNSUPPORTED = "unsupported database {!r}: use sqlite+aiosqlite or postgresql+asyncpg"
-
+# Per database: its INSERT with ON CONFLICT DO NOTHING, and the statement that makes schema
+# creation exclusive until the transaction ends (`ingest run --workers N` starts at once).
+DIALECTS: dict[str, tuple[Any, str]] = {
+    "postgresql": (postgresql.insert, f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY})"),
+    "sqlite": (sqlite.insert, "BEGIN IMMEDIATE"),  # the write lock, for the busy timeout
+}
 
 SQLITE_CACHE_KIB = 256
 
@@ -92,11 +96,16 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         parsed = make_url(url)
-        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        dialect = parsed.get_backend_name()
+        if dialect not in DIALECTS:
+            raise ValueError(
+                f"unsupported database {dialect!r}: use sqlite+aiosqlite or postgresql+asyncpg"
+            )
+        self._insert, self._schema_lock = DIALECTS[dialect]
+        if dialect == "sqlite" and parsed.database not in (None, "", ":memory:"):
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         self.engine: AsyncEngine = create_async_engine(url, pool_pre_ping=True)
-        self._dialect = parsed.get_backend_name()
-        if self._dialect == "sqlite":
+        if dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _small_page_cache)
 
     async def start(self) -> None:
@@ -108,7 +117,7 @@ class Database:
         the tables and the others find them, instead of racing on CREATE TABLE."""
         try:
             async with self.engine.begin() as connection:
-                await connection.exec_driver_sql(self._schema_lock())
+                await connection.exec_driver_sql(self._schema_lock)
                 await connection.run_sync(metadata.create_all)
                 await connection.execute(self._insert_ignoring(users, ["id"], SEED_USERS))
         except Exception as exc:
@@ -169,22 +178,8 @@ class Database:
                 (await connection.execute(select(func.count()).select_from(tickets))).scalar_one()
             )
 
-    def _schema_lock(self) -> str:
-        """The statement that makes schema creation exclusive until the transaction ends."""
-        if self._dialect == "postgresql":
-            return f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY})"
-        if self._dialect == "sqlite":
-            return "BEGIN IMMEDIATE"  # the write lock, waited for up to the busy timeout
-        raise ValueError(UNSUPPORTED.format(self._dialect))
-
     def _insert_ignoring(
         self, table: Table, keys: list[str], rows: Sequence[Mapping[str, Any]]
     ) -> Any:
         """One multi-row INSERT of `rows` that skips those whose `keys` are already there."""
-        if self._dialect == "postgresql":
-            insert: Any = postgresql.insert
-        elif self._dialect == "sqlite":
-            insert = sqlite.insert
-        else:
-            raise ValueError(UNSUPPORTED.format(self._dialect))
-        return insert(table).values(list(rows)).on_conflict_do_nothing(index_elements=keys)
+        return self._insert(table).values(list(rows)).on_conflict_do_nothing(index_elements=keys)

@@ -172,6 +172,12 @@ async def test_topology_prints_every_pipeline(tmp_path: Path) -> None:
         ),
         ((), {}, "[pipelines.bookings\n", "none.toml is not valid TOML"),
         (("--file", "pyproject.toml"), {}, None, "--file feeds one pipeline"),
+        (
+            (),
+            {"INGEST_DATABASE_URL": "mysql+aiomysql://tickets@localhost/tickets"},
+            None,
+            "unsupported database 'mysql'",
+        ),
     ],
     ids=[
         "prefetch-too-small",
@@ -181,6 +187,7 @@ async def test_topology_prints_every_pipeline(tmp_path: Path) -> None:
         "env-not-json",
         "bad-toml",
         "file-for-every-pipeline",
+        "unsupported-database",
     ],
 )
 async def test_a_configuration_error_exits_2_with_one_clear_line(
