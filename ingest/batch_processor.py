@@ -68,16 +68,13 @@ def _split(returned: list[Message], batch: list[Message]) -> tuple[list[Message]
     messages count: one returned in place of another does not hide the other."""
     successful: list[Message] = []
     failed: list[Message] = []
-    members = {id(message) for message in batch}
-    seen: set[int] = set()
+    missing = {id(message) for message in batch}
     for message in returned:
-        if id(message) not in members or id(message) in seen:
-            continue
-        seen.add(id(message))
-        (successful if message.status is OK else failed).append(message)
-    if len(seen) < len(batch):
-        for message in batch:
-            if id(message) not in seen:
-                message.status = Failed("missing from the list handle_batch returned")
-                failed.append(message)
+        if id(message) in missing:  # the batch's own, and the first time it comes back
+            missing.discard(id(message))
+            (successful if message.status is OK else failed).append(message)
+    for message in batch:
+        if id(message) in missing:
+            message.status = Failed("missing from the list handle_batch returned")
+            failed.append(message)
     return successful, failed

@@ -10,6 +10,7 @@ from typing import Literal
 import structlog
 
 from ingest.events import Event
+from ingest.processor import PROCESSOR_STAGE
 
 
 def configure_logging(
@@ -59,7 +60,7 @@ def log_failures(event: Event) -> None:
     log = structlog.get_logger("ingest.pipeline").bind(pipeline=event.pipeline, stage=event.stage)
     if event.kind == "ack" and event.failed:
         # A message failed by a processor never reached a batcher: no batcher to name.
-        batched = not event.stage.startswith("processor_")
+        batched = not event.stage.startswith(PROCESSOR_STAGE)
         for message in event.messages:
             if message.is_ok:
                 continue

@@ -16,7 +16,7 @@ from ingest.events import Event, EventBus
 from ingest.handlers import Handlers, overrides
 from ingest.message import Message, fail_with_exception
 from ingest.options import Batcher, Processors, RateLimiting, positive_seconds
-from ingest.processor import PROCESSOR_KEY, run_processor
+from ingest.processor import PROCESSOR_KEY, PROCESSOR_STAGE, run_processor
 from ingest.producer import HOLD_SHARE, BoundProducer, PipelineShape, Producer
 from ingest.rate_limiter import RateLimiter
 from ingest.runtime import Batch, Runtime
@@ -156,7 +156,7 @@ class Pipeline:
             processors=StageGroup(
                 PROCESSOR_KEY,
                 processors.concurrency,
-                tuple(f"{self.name}.processor_{i}" for i in range(processors.concurrency)),
+                tuple(f"{self.name}.{PROCESSOR_STAGE}{i}" for i in range(processors.concurrency)),
                 {"max_demand": processors.max_demand},
             ),
             batchers=tuple(
@@ -211,7 +211,7 @@ class Pipeline:
         for name, options in self.batchers.items():
             self._start_batcher(rt, stages, name, options)
         for index in range(processors.concurrency):
-            worker = f"processor_{index}"
+            worker = f"{PROCESSOR_STAGE}{index}"
             inbox = inboxes[index if self.partition_by else 0]
             stages.processors.append(
                 self._spawn(run_processor(rt, worker, inbox, processors.max_demand), worker)

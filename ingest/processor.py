@@ -13,6 +13,8 @@ from ingest.message import OK, Failed, Message, fail_with_exception
 from ingest.runtime import Runtime, describe_return
 
 PROCESSOR_KEY = "default"
+# Processor stages are named `processor_<index>` (events and logs say which stage).
+PROCESSOR_STAGE = "processor_"
 
 
 async def run_processor(rt: Runtime, name: str, inbox: Buffer[Message], max_demand: int) -> None:

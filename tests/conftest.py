@@ -22,10 +22,10 @@ RELIABILITY_TIMEOUT_S = 600 * max(1.0, float(os.environ.get("INGEST_RELIABILITY_
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        for directory in ("integration", "reliability"):
-            if f"tests/{directory}/" in str(item.path):
-                item.add_marker(getattr(pytest.mark, directory))
-        if "tests/reliability/" in str(item.path):
+        if "tests/integration/" in str(item.path):
+            item.add_marker(pytest.mark.integration)
+        elif "tests/reliability/" in str(item.path):
+            item.add_marker(pytest.mark.reliability)
             item.add_marker(pytest.mark.timeout(RELIABILITY_TIMEOUT_S))
 
 

@@ -40,6 +40,10 @@ METADATA_FIELDS: Final = (
 AfterConnect = Callable[[Any], Awaitable[None]]
 
 
+def _int_between(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -194,17 +198,13 @@ class RabbitMQOptions:
             f"prefetch_count must be an int >= 1 (without one RabbitMQ pushes the whole queue "
             f"into memory), got {self.prefetch_count!r}",
         )
-        for name, low, high in (
-            ("port", 1, 65535),
-            ("heartbeat", 0, 65535),  # seconds; 0 turns heartbeats off
-            ("prefetch_size", 0, 2**32 - 1),  # bytes; 0 means no limit
+        for name, value, low, high, optional in (
+            ("port", self.port, 1, 65535, True),  # None: the scheme's default port
+            ("heartbeat", self.heartbeat, 0, 65535, False),  # seconds; 0 turns them off
+            ("prefetch_size", self.prefetch_size, 0, 2**32 - 1, False),  # bytes; 0: no limit
         ):
-            value = getattr(self, name)
             _check(
-                (name == "port" and value is None)
-                or (
-                    isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-                ),
+                (optional and value is None) or _int_between(value, low, high),
                 f"{name} must be an int from {low} to {high}, got {value!r}",
             )
         for name, allowed in (

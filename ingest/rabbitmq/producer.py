@@ -13,7 +13,7 @@ from aiormq.abc import DeliveredMessage
 
 from ingest.buffer import BufferClosed
 from ingest.message import Message
-from ingest.producer import PipelineShape, Sink
+from ingest.producer import HOLD_SHARE, PipelineShape, Sink
 from ingest.rabbitmq.acknowledger import ChannelAcknowledger, Delivery, retry_queue_name
 from ingest.rabbitmq.backoff import reconnect_delay
 from ingest.rabbitmq.connection import open_connection
@@ -126,8 +126,9 @@ class RabbitMQProducer:
             raise ValueError(
                 f"pipeline {shape.name!r}: prefetch_count {self.options.prefetch_count} is "
                 f"too small for the batchers {sizes} to fill one batch each (open batches "
-                f"close early once they hold 3/4 of the prefetch); raise prefetch_count to "
-                f"at least {needed} (more for throughput) or lower the batch sizes"
+                f"close early once they hold {HOLD_SHARE} of the prefetch); raise "
+                f"prefetch_count to at least {needed} (more for throughput) or lower the batch "
+                f"sizes"
             )
         else:
             self.prefetch_count = self.options.prefetch_count
