@@ -287,8 +287,8 @@ async def ingest_two_workers(url: str, queue: str, count: int, latencies: Latenc
 
 
 async def bookings_sqlite(url: str, queue: str, count: int, latencies: Latencies) -> None:
-    from ingest.hosting import build
-    from ingest.settings import Settings
+    from ingest.service.hosting import build
+    from ingest.service.settings import Settings
 
     directory = tempfile.mkdtemp()
     settings = Settings(

@@ -2,6 +2,6 @@
 
 import sys
 
-from ingest.cli import main
+from ingest.service.cli import main
 
 sys.exit(main())

@@ -9,18 +9,18 @@ from typing import Any, Literal
 
 import structlog
 
-from ingest.batch_processor import run_batch_processor
-from ingest.batcher import BatcherStage
-from ingest.buffer import Buffer
+from ingest._batch_processor import run_batch_processor
+from ingest._batcher import BatcherStage
+from ingest._buffer import Buffer
+from ingest._processor import PROCESSOR_KEY, PROCESSOR_STAGE, run_processor
+from ingest._rate_limiter import RateLimiter
+from ingest._runtime import Batch, Runtime
+from ingest._terminator import Stages, shut_down
 from ingest.events import Event, EventBus
 from ingest.handlers import Handlers, overrides
 from ingest.message import Message, fail_with_exception
 from ingest.options import Batcher, Processors, RateLimiting, positive_seconds
-from ingest.processor import PROCESSOR_KEY, PROCESSOR_STAGE, run_processor
 from ingest.producer import HOLD_SHARE, BoundProducer, PipelineShape, Producer
-from ingest.rate_limiter import RateLimiter
-from ingest.runtime import Batch, Runtime
-from ingest.terminator import Stages, shut_down
 from ingest.topology import StageGroup, Topology
 from ingest.typing import PartitionBy
 
@@ -253,7 +253,7 @@ class Pipeline:
             )
 
     async def stop(self) -> None:
-        """Drain and stop: see `ingest.terminator.shut_down`. Safe to call more than once."""
+        """Drain and stop: see `ingest._terminator.shut_down`. Safe to call more than once."""
         if self._state in ("new", "stopped"):
             self._state = "stopped"
             self._stopped.set()

@@ -13,7 +13,6 @@ from typing import Any, Protocol
 import structlog
 
 from ingest import Batcher, BatchInfo, Handlers, Message, Pipeline, Processors
-from ingest.hosting import HostedPipeline
 from ingest.producers.csv_file import CsvFileProducer
 from ingest.rabbitmq import (
     OutgoingMessage,
@@ -22,8 +21,9 @@ from ingest.rabbitmq import (
     RabbitMQProducer,
     RetryPolicy,
 )
-from ingest.rabbitmq.connection import client_name
-from ingest.settings import Settings
+from ingest.rabbitmq._connection import client_name
+from ingest.service.hosting import HostedPipeline
+from ingest.service.settings import Settings
 from pipelines.db import Database, TicketRow
 from pipelines.payloads import Booking, PayloadError, parse_booking
 

@@ -11,11 +11,11 @@ from typing import Any
 import structlog
 
 from ingest import Batcher, BatchInfo, Handlers, Message, Pipeline, Processors
-from ingest.hosting import HostedPipeline
 from ingest.producers.csv_file import CsvFileProducer
 from ingest.rabbitmq import RabbitMQOptions, RabbitMQProducer, RetryPolicy
-from ingest.rabbitmq.connection import client_name
-from ingest.settings import Settings
+from ingest.rabbitmq._connection import client_name
+from ingest.service.hosting import HostedPipeline
+from ingest.service.settings import Settings
 from pipelines.db import Database
 from pipelines.mail import Mailer, OutboxMailer, SmtpMailer, digest
 from pipelines.payloads import Notification, PayloadError, parse_notification

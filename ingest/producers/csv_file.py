@@ -10,8 +10,8 @@ from typing import IO, Any
 
 import structlog
 
+from ingest._buffer import BufferClosed
 from ingest.acknowledger import validate_ack_options
-from ingest.buffer import BufferClosed
 from ingest.message import Message
 from ingest.producer import Sink
 

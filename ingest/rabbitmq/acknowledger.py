@@ -15,7 +15,7 @@ from pamqp import commands as spec
 
 from ingest.acknowledger import validate_ack_options
 from ingest.message import Failed, Message
-from ingest.rabbitmq import frames
+from ingest.rabbitmq import _frames as frames
 from ingest.rabbitmq.options import RABBIT_ACK_ACTIONS, RabbitAckAction, RabbitMQOptions
 
 logger = structlog.get_logger("ingest.rabbitmq")

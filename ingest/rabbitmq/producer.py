@@ -11,12 +11,12 @@ import aiormq
 import structlog
 from aiormq.abc import DeliveredMessage
 
-from ingest.buffer import BufferClosed
+from ingest._buffer import BufferClosed
 from ingest.message import Message
 from ingest.producer import HOLD_SHARE, PipelineShape, Sink
+from ingest.rabbitmq._backoff import reconnect_delay
+from ingest.rabbitmq._connection import open_connection
 from ingest.rabbitmq.acknowledger import ChannelAcknowledger, Delivery, retry_queue_name
-from ingest.rabbitmq.backoff import reconnect_delay
-from ingest.rabbitmq.connection import open_connection
 from ingest.rabbitmq.options import RabbitMQOptions, redact
 
 logger = structlog.get_logger("ingest.rabbitmq")

@@ -12,8 +12,8 @@ import aiormq
 import structlog
 from pamqp import commands as spec
 
-from ingest.rabbitmq.backoff import reconnect_delay
-from ingest.rabbitmq.connection import CONNECTION_ERRORS, open_connection
+from ingest.rabbitmq._backoff import reconnect_delay
+from ingest.rabbitmq._connection import CONNECTION_ERRORS, open_connection
 from ingest.rabbitmq.options import Backoff, redact
 
 logger = structlog.get_logger("ingest.rabbitmq")

@@ -15,8 +15,8 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 
-from ingest.hosting import HostedPipeline, build, serve
-from ingest.settings import Settings
+from ingest.service.hosting import HostedPipeline, build, serve
+from ingest.service.settings import Settings
 from tests.support import Broker, free_port
 
 

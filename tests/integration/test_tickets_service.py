@@ -296,8 +296,8 @@ async def _retried(running: RunningService, count: int) -> bool:
 async def test_a_broker_down_at_start_up_is_waited_for_with_readiness_false(
     database_url: str, tmp_path: Any
 ) -> None:
-    from ingest.hosting import build, serve
-    from ingest.settings import Settings
+    from ingest.service.hosting import build, serve
+    from ingest.service.settings import Settings
     from tests.support import free_port
 
     settings = Settings(

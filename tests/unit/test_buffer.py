@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from ingest.buffer import Buffer, BufferClosed
+from ingest._buffer import Buffer, BufferClosed
 
 
 async def test_put_many_waits_while_the_buffer_is_full() -> None:

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
-from ingest.hosting import build
 from ingest.rabbitmq import RabbitMQProducer, retry_queue_name
-from ingest.settings import PipelineSettings, Settings
+from ingest.service.hosting import build
+from ingest.service.settings import PipelineSettings, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

@@ -14,7 +14,7 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
-from ingest.rabbitmq import frame_reader
+from ingest.rabbitmq import _frame_reader as frame_reader
 
 EVERY_SIMPLE_PROPERTY = spec.Basic.Properties(
     content_type="text/plain",

@@ -8,7 +8,7 @@ from typing import Any
 from structlog.testing import capture_logs
 
 from ingest import Batcher, BatchInfo, Handlers, Message
-from ingest.logging import log_failures
+from ingest.service.logging import log_failures
 from ingest.testing import send_batch
 
 from .conftest import MakePipeline

@@ -11,9 +11,10 @@ import pytest
 from pamqp import commands as spec
 
 from ingest import Batcher, Handlers, Message, Pipeline, Processors
-from ingest.rabbitmq import Backoff, RabbitMQOptions, RabbitMQProducer, RetryPolicy, frames
+from ingest.rabbitmq import Backoff, RabbitMQOptions, RabbitMQProducer, RetryPolicy
+from ingest.rabbitmq import _frames as frames
+from ingest.rabbitmq._backoff import reconnect_delay
 from ingest.rabbitmq.acknowledger import ChannelAcknowledger
-from ingest.rabbitmq.backoff import reconnect_delay
 from ingest.rabbitmq.options import redact
 
 

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from ingest import Batcher, Processors
-from ingest.settings import Settings
+from ingest.service.settings import Settings
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,8 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from ingest import Batcher, Handlers, InMemoryProducer, Message, Pipeline, Processors, terminator
+from ingest import Batcher, Handlers, InMemoryProducer, Message, Pipeline, Processors
+from ingest import _terminator as terminator
 from ingest.producers.memory import ProducerNotRunning
 from ingest.testing import push_messages
 

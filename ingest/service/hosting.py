@@ -12,14 +12,14 @@ from typing import Any, Protocol
 
 import structlog
 
-from ingest.http import HealthServer
-from ingest.logging import log_failures
-from ingest.metrics import Metrics
+from ingest._terminator import close_within
 from ingest.pipeline import Pipeline
 from ingest.producers.csv_file import CsvFileProducer
 from ingest.rabbitmq.producer import RabbitMQProducer
-from ingest.settings import Settings
-from ingest.terminator import close_within
+from ingest.service.http import HealthServer
+from ingest.service.logging import log_failures
+from ingest.service.metrics import Metrics
+from ingest.service.settings import Settings
 
 logger = structlog.get_logger("ingest.service")
 

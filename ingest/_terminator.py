@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import structlog
 from structlog.typing import FilteringBoundLogger
 
-from ingest.buffer import Buffer
+from ingest._buffer import Buffer
+from ingest._runtime import Runtime
 from ingest.message import Message
 from ingest.producer import Producer
-from ingest.runtime import Runtime
 
 logger = structlog.get_logger("ingest")
 

@@ -13,7 +13,7 @@ from types import FrameType
 
 import structlog
 
-logger = structlog.get_logger("ingest.workers")
+logger = structlog.get_logger("ingest.service.workers")
 
 
 def supervise(workers: int, arguments: Sequence[str], http_port: int) -> int:

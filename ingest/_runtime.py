@@ -7,13 +7,13 @@ from typing import Any
 
 import structlog
 
+from ingest._buffer import Buffer
+from ingest._rate_limiter import RateLimiter
 from ingest.acknowledger import group_by_acknowledger
 from ingest.batch_info import BatchTrigger
-from ingest.buffer import Buffer
 from ingest.events import Event, EventBus, EventKind
 from ingest.handlers import Handlers
 from ingest.message import Failed, Message
-from ingest.rate_limiter import RateLimiter
 from ingest.typing import PartitionBy
 
 logger = structlog.get_logger("ingest")

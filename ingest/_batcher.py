@@ -7,11 +7,11 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+from ingest._buffer import Buffer
+from ingest._runtime import Batch, Runtime
 from ingest.batch_info import BatchTrigger
-from ingest.buffer import Buffer
 from ingest.message import Message, fail_with_exception
 from ingest.options import Batcher, CustomBatchSize
-from ingest.runtime import Batch, Runtime
 
 # How many messages the batcher moves from its inbox per wake-up.
 _TAKE = 1_000

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-logger = structlog.get_logger("ingest.http")
+logger = structlog.get_logger("ingest.service.http")
 
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 

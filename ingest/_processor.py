@@ -7,10 +7,10 @@ import time
 from collections.abc import Coroutine
 from typing import Any, cast
 
-from ingest.buffer import Buffer
+from ingest._buffer import Buffer
+from ingest._runtime import Runtime, describe_return
 from ingest.events import Event
 from ingest.message import OK, Failed, Message, fail_with_exception
-from ingest.runtime import Runtime, describe_return
 
 PROCESSOR_KEY = "default"
 # Processor stages are named `processor_<index>` (events and logs say which stage).

@@ -10,7 +10,7 @@ from typing import Any
 import aiormq
 from yarl import URL
 
-from ingest.rabbitmq import frame_reader
+from ingest.rabbitmq import _frame_reader as frame_reader
 
 
 def client_name(role: str) -> str:

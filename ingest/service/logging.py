@@ -9,8 +9,8 @@ from typing import Literal
 
 import structlog
 
+from ingest._processor import PROCESSOR_STAGE
 from ingest.events import Event
-from ingest.processor import PROCESSOR_STAGE
 
 
 def configure_logging(

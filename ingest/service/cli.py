@@ -15,14 +15,14 @@ import structlog
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from ingest.hosting import ConfigurationError, StartupError, build, serve
-from ingest.logging import configure_logging
 from ingest.rabbitmq.options import redact
 from ingest.rabbitmq.publisher import OutgoingMessage, Publisher, PublishError
-from ingest.settings import Settings
-from ingest.workers import supervise
+from ingest.service.hosting import ConfigurationError, StartupError, build, serve
+from ingest.service.logging import configure_logging
+from ingest.service.settings import Settings
+from ingest.service.workers import supervise
 
-logger = structlog.get_logger("ingest.cli")
+logger = structlog.get_logger("ingest.service.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 
+from ingest._buffer import Buffer
+from ingest._runtime import Batch, Runtime, describe_return
 from ingest.batch_info import BatchInfo
-from ingest.buffer import Buffer
 from ingest.events import Event
 from ingest.message import OK, Failed, Message, fail_with_exception
-from ingest.runtime import Batch, Runtime, describe_return
 
 
 async def run_batch_processor(rt: Runtime, name: str, inbox: Buffer[Batch]) -> None:

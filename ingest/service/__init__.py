@@ -1,0 +1,1 @@
+"""The service: settings, logging, metrics, HTTP, hosting, workers and the command line."""
