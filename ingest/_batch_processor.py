@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from ingest._buffer import Buffer
-from ingest._runtime import Batch, Runtime, describe_return
+from ingest._runtime import Batch, Runtime, describe_return, reraise_own_cancellation
 from ingest.batch_info import BatchInfo
 from ingest.events import Event
 from ingest.message import OK, Failed, Message, fail_with_exception
@@ -26,14 +27,18 @@ async def process_batch(rt: Runtime, name: str, batch: Batch) -> None:
     events = rt.events
     started = time.perf_counter()
     if events:
-        events.emit(Event("batch.start", rt.pipeline, name, messages, batch_info=info))
+        events.emit(
+            Event("batch.start", rt.pipeline, name, "batch_processor", messages, batch_info=info)
+        )
     try:
-        returned = await rt.handlers.handle_batch(batch.batcher, messages, info, rt.context)
+        # A copy: a hook that filters the list in place cannot make messages vanish.
+        returned = await rt.handlers.handle_batch(batch.batcher, list(messages), info, rt.context)
         if not isinstance(returned, list):
             raise TypeError(
                 f"handle_batch must return a list, returned {describe_return(returned)}"
             )
-    except Exception as exc:
+    except (Exception, asyncio.CancelledError) as exc:
+        reraise_own_cancellation(exc)
         for message in messages:
             fail_with_exception(message, exc, "handle_batch")
         successful: list[Message] = []
@@ -41,18 +46,25 @@ async def process_batch(rt: Runtime, name: str, batch: Batch) -> None:
         if events:
             events.emit(
                 Event(
-                    "batch.exception", rt.pipeline, name, messages, batch_info=info, exception=exc
+                    "batch.exception",
+                    rt.pipeline,
+                    name,
+                    "batch_processor",
+                    messages,
+                    batch_info=info,
+                    exception=exc,
                 )
             )
     else:
         successful, failed = _split(returned, messages)
-    await rt.settle(name, successful, failed)
+    await rt.settle(name, "batch_processor", successful, failed)
     if events:
         events.emit(
             Event(
                 "batch.stop",
                 rt.pipeline,
                 name,
+                "batch_processor",
                 messages,
                 duration=time.perf_counter() - started,
                 successful=len(successful),

@@ -79,7 +79,7 @@ class BatcherStage:
                     partition = partition_by(message) % slots
                 except Exception as exc:
                     fail_with_exception(message, exc, "partition_by")
-                    await rt.settle(self.stage, [], [message])
+                    await rt.settle(self.stage, "batcher", [], [message])
                     continue
             key = (partition, message.batch_key)
             batch = open_batches.get(key)
@@ -99,7 +99,7 @@ class BatcherStage:
                     if not batch.messages:
                         del open_batches[key]
                     fail_with_exception(message, exc, "batch_size")
-                    await rt.settle(self.stage, [], [message])
+                    await rt.settle(self.stage, "batcher", [], [message])
                     continue
             else:
                 full = len(batch.messages) >= size

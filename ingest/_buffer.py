@@ -7,11 +7,9 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Generic, TypeVar
 
+from ingest.exceptions import BufferClosed
+
 T = TypeVar("T")
-
-
-class BufferClosed(Exception):
-    """Raised to a producer that puts into a buffer after it was closed."""
 
 
 class Buffer(Generic[T]):

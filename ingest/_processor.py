@@ -8,8 +8,9 @@ from collections.abc import Coroutine
 from typing import Any, cast
 
 from ingest._buffer import Buffer
-from ingest._runtime import Runtime, describe_return
+from ingest._runtime import Runtime, describe_return, reraise_own_cancellation
 from ingest.events import Event
+from ingest.exceptions import HandlerTimeout
 from ingest.message import OK, Failed, Message, fail_with_exception
 
 PROCESSOR_KEY = "default"
@@ -40,12 +41,13 @@ async def process_chunk(rt: Runtime, name: str, chunk: list[Message]) -> None:
     events = rt.events
     started = time.perf_counter()
     if events:
-        events.emit(Event("processor.start", rt.pipeline, name, chunk))
+        events.emit(Event("processor.start", rt.pipeline, name, "processor", chunk))
     done: list[Message] = []
     failed: list[Message] = []
     routed: dict[str, list[Message]] = {}
     try:
-        prepared = await rt.handlers.prepare_messages(chunk, rt.context)
+        # A copy: a hook that filters the list in place cannot make messages vanish.
+        prepared = await rt.handlers.prepare_messages(list(chunk), rt.context)
         if (
             not isinstance(prepared, list)
             or len(prepared) != len(chunk)
@@ -55,7 +57,8 @@ async def process_chunk(rt: Runtime, name: str, chunk: list[Message]) -> None:
                 f"prepare_messages must return a list of the {len(chunk)} Messages it got, "
                 f"returned {describe_return(prepared)}"
             )
-    except Exception as exc:
+    except (Exception, asyncio.CancelledError) as exc:
+        reraise_own_cancellation(exc)
         for message in chunk:
             # A message the hook failed on purpose before raising keeps its own reason
             # (a bad payload stays a bad payload while the database is down).
@@ -63,20 +66,23 @@ async def process_chunk(rt: Runtime, name: str, chunk: list[Message]) -> None:
                 fail_with_exception(message, exc, "prepare_messages")
         failed = chunk
         if events:
-            events.emit(Event("processor.exception", rt.pipeline, name, chunk, exception=exc))
+            events.emit(
+                Event("processor.exception", rt.pipeline, name, "processor", chunk, exception=exc)
+            )
     else:
         await _handle_messages(rt, prepared, done, failed, routed)
 
     for batcher, messages in routed.items():
         await rt.batcher_inboxes[batcher].put_many(messages)
     if done or failed:
-        await rt.settle(name, done, failed)
+        await rt.settle(name, "processor", done, failed)
     if events:
         events.emit(
             Event(
                 "processor.stop",
                 rt.pipeline,
                 name,
+                "processor",
                 chunk,
                 duration=time.perf_counter() - started,
                 successful=len(chunk) - len(failed),
@@ -99,13 +105,16 @@ async def _handle_messages(
     timeout = rt.handler_timeout
     inboxes = rt.batcher_inboxes
     events = rt.events
+    started = 0.0
     for message in messages:
         if message.status is not OK:
             failed.append(message)
             continue
-        if events:
+        # Decided once per message: a subscriber may arrive while the handler runs.
+        traced = bool(events)
+        if traced:
             started = time.perf_counter()
-            events.emit(Event("message.start", rt.pipeline, PROCESSOR_KEY, (message,)))
+            events.emit(Event("message.start", rt.pipeline, PROCESSOR_KEY, "processor", (message,)))
         try:
             if timeout is None:
                 coroutine = handle_message(PROCESSOR_KEY, message, context)
@@ -113,22 +122,29 @@ async def _handle_messages(
                 coroutine = _with_timeout(handle_message(PROCESSOR_KEY, message, context), timeout)
             # A hook may return anything; it is checked below.
             result = cast(object, await coroutine)
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            reraise_own_cancellation(exc)
             fail_with_exception(message, exc, "handle_message")
             failed.append(message)
-            if events:
+            if traced:
                 events.emit(
                     Event(
-                        "message.exception", rt.pipeline, PROCESSOR_KEY, (message,), exception=exc
+                        "message.exception",
+                        rt.pipeline,
+                        PROCESSOR_KEY,
+                        "processor",
+                        (message,),
+                        exception=exc,
                     )
                 )
             continue
-        if events:
+        if traced:
             events.emit(
                 Event(
                     "message.stop",
                     rt.pipeline,
                     PROCESSOR_KEY,
+                    "processor",
                     (message,),
                     duration=time.perf_counter() - started,
                 )
@@ -170,10 +186,6 @@ def _route(
         routed[batcher] = [message]
     else:
         messages.append(message)
-
-
-class HandlerTimeout(Exception):
-    """handle_message ran longer than the pipeline's handler timeout."""
 
 
 async def _with_timeout(coroutine: Coroutine[Any, Any, Message], seconds: float) -> Message:

@@ -25,9 +25,10 @@ class RateLimiter:
         return self._limits
 
     def update(self, limits: RateLimiting) -> None:
-        """Apply new limits from the next window on (waiters re-check at once)."""
+        """Apply new limits at once: a new window starts with the new allowance (unlike
+        Broadway, which keeps the current window), and waiters re-check now."""
         self._limits = limits
-        self._remaining = min(self._remaining, limits.allowed_messages)
+        self._window_ends = None
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -43,14 +44,10 @@ class RateLimiter:
                 granted = min(wanted, self._remaining)
                 self._remaining -= granted
                 return granted
-            changed = self._changed
             try:
-                await asyncio.wait_for(changed.wait(), self._window_ends - now)
+                await asyncio.wait_for(self._changed.wait(), self._window_ends - now)
             except TimeoutError:
                 pass
-            else:
-                # New limits: start a fresh window with them.
-                self._window_ends = None
 
     def release(self, unused: int) -> None:
         """Give back permits that were acquired but not used."""

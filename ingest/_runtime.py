@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +12,7 @@ from ingest._buffer import Buffer
 from ingest._rate_limiter import RateLimiter
 from ingest.acknowledger import group_by_acknowledger
 from ingest.batch_info import BatchTrigger
-from ingest.events import Event, EventBus, EventKind
+from ingest.events import Event, EventBus, EventKind, StageKind
 from ingest.handlers import Handlers
 from ingest.message import Failed, Message
 from ingest.typing import PartitionBy
@@ -53,17 +54,20 @@ class Runtime:
         """Messages received and not yet acknowledged."""
         return self.received - self.settled
 
-    async def settle(self, stage: str, successful: list[Message], failed: list[Message]) -> None:
+    async def settle(
+        self, stage: str, stage_kind: StageKind, successful: list[Message], failed: list[Message]
+    ) -> None:
         """Run `handle_failed` on the failed messages, then acknowledge everything, one call
         per acknowledger."""
         if failed:
-            failed = await self._handle_failed(stage, failed)
-        for acknowledger, (ok, bad) in group_by_acknowledger(successful, failed).items():
+            await self._handle_failed(stage, stage_kind, failed)
+        for acknowledger, ok, bad in group_by_acknowledger(successful, failed):
             kind: EventKind = "ack"
-            error: Exception | None = None
+            error: BaseException | None = None
             try:
                 await acknowledger.ack(ok, bad)
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                reraise_own_cancellation(exc)
                 # The broker redelivers what could not be acknowledged; the stage goes on.
                 logger.exception(
                     "acknowledger raised",
@@ -80,6 +84,7 @@ class Runtime:
                         kind,
                         self.pipeline,
                         stage,
+                        stage_kind,
                         ok + bad,
                         successful=len(ok),
                         failed=len(bad),
@@ -88,9 +93,14 @@ class Runtime:
                 )
         self.settled += len(successful) + len(failed)
 
-    async def _handle_failed(self, stage: str, failed: list[Message]) -> list[Message]:
+    async def _handle_failed(
+        self, stage: str, stage_kind: StageKind, failed: list[Message]
+    ) -> None:
+        """Let `handle_failed` see (and `configure_ack`) the failed messages. Whatever it
+        returns or drops, these very messages are acknowledged as failed: the hook gets a
+        copy of the list, so changing it in place cannot lose one."""
         try:
-            returned = await self.handlers.handle_failed(failed, self.context)
+            returned = await self.handlers.handle_failed(list(failed), self.context)
             if not isinstance(returned, list) or len(returned) != len(failed):
                 raise TypeError(
                     f"handle_failed must return a list of the {len(failed)} messages it got, "
@@ -98,23 +108,40 @@ class Runtime:
                 )
             if not all(isinstance(message, Message) for message in returned):
                 raise TypeError("handle_failed must return Message objects")
-        except Exception as exc:
-            logger.exception(
+        except (Exception, asyncio.CancelledError) as exc:
+            reraise_own_cancellation(exc)
+            logger.error(
                 "handle_failed raised; acknowledging the messages as failed",
                 pipeline=self.pipeline,
                 stage=stage,
                 messages=len(failed),
+                exc_info=exc,
             )
             if self.events:
                 self.events.emit(
-                    Event("handle_failed.exception", self.pipeline, stage, failed, exception=exc)
+                    Event(
+                        "handle_failed.exception",
+                        self.pipeline,
+                        stage,
+                        stage_kind,
+                        failed,
+                        exception=exc,
+                    )
                 )
-            return failed
-        for message in returned:
+        for message in failed:
             # Whatever handle_failed did, these messages are acknowledged as failed.
             if not isinstance(message.status, Failed):
                 message.status = Failed("handled by handle_failed")
-        return returned
+
+
+def reraise_own_cancellation(exc: BaseException) -> None:
+    """Re-raise `exc` if it is the cancellation of the running stage itself; any other
+    exception, a `CancelledError` out of user code included (a hook awaiting a task that
+    someone else cancelled), is the hook's failure and the caller handles it."""
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise exc
 
 
 def describe_return(value: object) -> str:

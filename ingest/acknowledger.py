@@ -56,17 +56,18 @@ def validate_ack_options(
 
 def group_by_acknowledger(
     successful: Iterable[Message], failed: Iterable[Message]
-) -> dict[Acknowledger, tuple[list[Message], list[Message]]]:
-    """Split messages by acknowledger, keeping their order inside each group."""
-    groups: dict[Acknowledger, tuple[list[Message], list[Message]]] = {}
+) -> list[tuple[Acknowledger, list[Message], list[Message]]]:
+    """Split messages by acknowledger, keeping their order inside each group. Grouped by
+    identity, so an acknowledger need not be hashable (a plain `@dataclass` is not)."""
+    groups: dict[int, tuple[Acknowledger, list[Message], list[Message]]] = {}
     for message in successful:
-        group = groups.get(message.acknowledger)
+        group = groups.get(id(message.acknowledger))
         if group is None:
-            group = groups[message.acknowledger] = ([], [])
-        group[0].append(message)
-    for message in failed:
-        group = groups.get(message.acknowledger)
-        if group is None:
-            group = groups[message.acknowledger] = ([], [])
+            group = groups[id(message.acknowledger)] = (message.acknowledger, [], [])
         group[1].append(message)
-    return groups
+    for message in failed:
+        group = groups.get(id(message.acknowledger))
+        if group is None:
+            group = groups[id(message.acknowledger)] = (message.acknowledger, [], [])
+        group[2].append(message)
+    return list(groups.values())

@@ -17,6 +17,7 @@ logger = structlog.get_logger("ingest.events")
 EventKind = Literal[
     "pipeline.start",
     "pipeline.stop",
+    "pipeline.crash",
     "processor.start",
     "processor.stop",
     "processor.exception",
@@ -31,6 +32,9 @@ EventKind = Literal[
     "handle_failed.exception",
 ]
 
+# Which kind of stage emitted an event: consumers read this, never the stage's name.
+StageKind = Literal["pipeline", "processor", "batcher", "batch_processor"]
+
 
 @dataclass(frozen=True, slots=True)
 class Event:
@@ -42,12 +46,18 @@ class Event:
     - `batch.*`: one `handle_batch` call, with its `batch_info`.
     - `ack`: one acknowledger call, with the counts it settled; `ack.exception` instead
       when the acknowledger raised (nothing was acknowledged; a broker redelivers).
+    - `pipeline.crash`: an exception escaped a stage (a bug, not a message's failure);
+      the pipeline is restarted or, past its restart limit, fails.
     - `*.exception` carry the exception; `*.stop` carry `duration` in seconds.
+
+    `stage` names the worker (`processor_0`, `batch_processor_email_2`); `stage_kind` says
+    what kind of stage it is.
     """
 
     kind: EventKind
     pipeline: str
     stage: str
+    stage_kind: StageKind
     messages: Sequence[Message] = ()
     duration: float | None = None
     successful: int = 0

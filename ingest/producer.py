@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ingest.message import Message
 from ingest.options import Batcher, Processors
@@ -24,6 +25,12 @@ class Sink(Protocol):
         `bind` declared how many it holds); False, and nothing taken, if not."""
         ...
 
+    def spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run one of the producer's tasks under the pipeline's supervisor: an exception
+        escaping it crashes the pipeline (which is then restarted), never silently. The
+        producer's `close()` cancels its tasks; the supervisor awaits them."""
+        ...
+
 
 @runtime_checkable
 class Producer(Protocol):
@@ -33,7 +40,11 @@ class Producer(Protocol):
     - `drain()` at shutdown: stop receiving (e.g. basic.cancel); messages already pushed
       are still processed and acknowledged;
     - `close()` last, when every message that could be settled was: release resources
-      (e.g. close the channel, so the broker redelivers what is left unacknowledged).
+      (e.g. close the channel, so the broker redelivers what is left unacknowledged) and
+      cancel the tasks it spawned.
+
+    After a crash the pipeline calls `close()`, then `start(sink)` again with a new sink:
+    a producer must be able to start again after it was closed.
     """
 
     async def start(self, sink: Sink) -> None: ...
@@ -44,14 +55,20 @@ class Producer(Protocol):
 
 
 # When a producer bounds what it leaves unacknowledged (a broker's prefetch), the oldest
-# open batch closes early once open batches hold this share of the bound (BatcherStage),
-# so that many dynamic batch keys cannot take it all and stall the pipeline.
+# open batch closes early once open batches hold this share of the bound (the batcher
+# stage), so that many dynamic batch keys cannot take it all and stall the pipeline. This
+# object is the one place that arithmetic lives.
 HOLD_SHARE = Fraction(3, 4)
 
 
 @dataclass(frozen=True, slots=True)
 class PipelineShape:
-    """What a producer may need to know of the pipeline it feeds."""
+    """What a producer may need to know of the pipeline it feeds, and the arithmetic of a
+    bound on unacknowledged messages (a prefetch) against the batch sizes::
+
+        shape.check_bound(500, "prefetch_count")  # ValueError saying what to raise
+        shape.hold_limit(500)                     # 375: open batches close early there
+    """
 
     name: str
     processors: Processors
@@ -66,6 +83,35 @@ class PipelineShape:
         """The smallest bound on unacknowledged messages with which one batch of every
         batcher can fill (by size) before the open batches reach HOLD_SHARE of it."""
         return math.ceil(self.batch_sizes() / HOLD_SHARE)
+
+    def default_bound(self) -> int:
+        """A bound to pick when none is given: room for two batches of every batcher, and
+        for every processor's demand."""
+        processors = self.processors
+        return max(50, 2 * self.batch_sizes(), processors.concurrency * processors.max_demand)
+
+    def check_bound(self, bound: int, option: str) -> None:
+        """ValueError, naming `option` and the number to raise it to, when one batch of
+        every batcher cannot fill (by size) within `bound` unacknowledged messages."""
+        needed = self.bound_for_full_batches()
+        if bound >= needed:
+            return
+        sizes = ", ".join(
+            f"{name} ({options.max_messages})"
+            for name, options in self.batchers.items()
+            if options.max_messages
+        )
+        raise ValueError(
+            f"pipeline {self.name!r}: {option} {bound} is too small for the batchers {sizes} "
+            f"to fill one batch each (open batches close early once they hold {HOLD_SHARE} "
+            f"of it); raise {option} to at least {needed} (more for throughput) or lower the "
+            f"batch sizes"
+        )
+
+    def hold_limit(self, bound: int) -> int:
+        """How many messages open batches may hold, under a bound of `bound`
+        unacknowledged messages, before the oldest closes early."""
+        return max(1, math.floor(bound * HOLD_SHARE))
 
 
 @runtime_checkable

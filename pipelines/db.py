@@ -24,7 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from ingest.service.hosting import StartupError
+from ingest.exceptions import StartupError
 
 metadata = MetaData()
 

@@ -10,8 +10,8 @@ from typing import IO, Any
 
 import structlog
 
-from ingest._buffer import BufferClosed
 from ingest.acknowledger import validate_ack_options
+from ingest.exceptions import BufferClosed
 from ingest.message import Message
 from ingest.producer import Sink
 
@@ -43,9 +43,14 @@ class CsvFileProducer:
         self._writer: Any = None
 
     async def start(self, sink: Sink) -> None:
+        """Read the file from its first line (again, after a crash of the pipeline: rows
+        already done create nothing twice, thanks to their message_id)."""
         if not self.path.is_file():
             raise FileNotFoundError(f"no such file: {self.path}")
-        self._task = asyncio.create_task(self._feed(sink), name=f"csv-{self.path.name}")
+        self.read = self.successful = self.failed = 0
+        self._done_reading = self._draining = False
+        self._close_errors()
+        self._task = sink.spawn(self._feed(sink), f"csv-{self.path.name}")
 
     async def _feed(self, sink: Sink) -> None:
         lines = _numbered_lines(self.path)
@@ -103,8 +108,7 @@ class CsvFileProducer:
         if self._task is not None and not self._task.done():
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._errors is not None:
-            self._errors.close()
+        self._close_errors()
         logger.info(
             "file processed",
             file=str(self.path),
@@ -113,6 +117,11 @@ class CsvFileProducer:
             failed=self.failed,
             errors_file=str(self.errors_path) if self.failed else None,
         )
+
+    def _close_errors(self) -> None:
+        if self._errors is not None:
+            self._errors.close()
+        self._errors = self._writer = None
 
 
 def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ingest.exceptions import ProducerNotRunning
 from ingest.message import Message
 from ingest.producer import Sink
-
-
-class ProducerNotRunning(RuntimeError):
-    """Messages were pushed before the pipeline started or after it began draining."""
 
 
 class InMemoryProducer:
@@ -23,6 +20,7 @@ class InMemoryProducer:
 
     async def start(self, sink: Sink) -> None:
         self._sink = sink
+        self._draining = False
 
     async def push(self, messages: Sequence[Message]) -> None:
         if self._sink is None or self._draining:

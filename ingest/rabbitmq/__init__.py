@@ -1,5 +1,6 @@
 """The RabbitMQ connector: producer, acknowledgement, retries, dead letters, publisher."""
 
+from ingest.exceptions import PublishError, Unroutable
 from ingest.rabbitmq.acknowledger import (
     ATTEMPTS_HEADER,
     EXCEPTION_HEADER,
@@ -18,7 +19,8 @@ from ingest.rabbitmq.options import (
     RetryPolicy,
 )
 from ingest.rabbitmq.producer import RabbitMQProducer
-from ingest.rabbitmq.publisher import OutgoingMessage, Publisher, PublishError, Unroutable
+from ingest.rabbitmq.publisher import OutgoingMessage, Publisher
+from ingest.rabbitmq.stats import ProducerStats
 
 __all__ = [
     "ATTEMPTS_HEADER",
@@ -30,6 +32,7 @@ __all__ = [
     "ChannelAcknowledger",
     "Delivery",
     "OutgoingMessage",
+    "ProducerStats",
     "PublishError",
     "Publisher",
     "QueueDeclare",

@@ -10,7 +10,7 @@ from typing import Any
 import aiormq
 from yarl import URL
 
-from ingest.rabbitmq import _frame_reader as frame_reader
+from ingest.rabbitmq import _fastpath as fastpath
 
 
 def client_name(role: str) -> str:
@@ -31,12 +31,14 @@ async def open_connection(
     heartbeat: int | None = None,
 ) -> aiormq.abc.AbstractConnection:
     """Connect; `name` shows in the management UI's connection list; `heartbeat` applies
-    unless the URL sets one."""
-    frame_reader.install()
+    unless the URL sets one. Its frames are read by the fast path's reader when it fits
+    the installed aiormq (this connection only)."""
     properties: dict[str, Any] = {}
     if name:
         properties["connection_name"] = name
     parsed = URL(url)
     if heartbeat is not None and "heartbeat" not in parsed.query:
         parsed = parsed.update_query(heartbeat=heartbeat)
-    return await aiormq.connect(parsed, context=ssl_context, client_properties=properties)
+    return await fastpath.open_fast_connection(
+        parsed, context=ssl_context, client_properties=properties
+    )

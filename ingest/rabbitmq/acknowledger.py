@@ -4,7 +4,6 @@ delayed retries and dead letters with their reason."""
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,8 +14,10 @@ from pamqp import commands as spec
 
 from ingest.acknowledger import validate_ack_options
 from ingest.message import Failed, Message
-from ingest.rabbitmq import _frames as frames
+from ingest.rabbitmq import _fastpath as frames
+from ingest.rabbitmq._copies import CopyProperties, copy_properties
 from ingest.rabbitmq.options import RABBIT_ACK_ACTIONS, RabbitAckAction, RabbitMQOptions
+from ingest.rabbitmq.stats import ProducerStats
 
 logger = structlog.get_logger("ingest.rabbitmq")
 
@@ -89,7 +90,7 @@ class ChannelAcknowledger:
         channel: aiormq.abc.AbstractChannel,
         publisher: aiormq.abc.AbstractChannel | None,
         options: RabbitMQOptions,
-        stats: Counter[str],
+        stats: ProducerStats,
         prefetch_count: int,
     ) -> None:
         self.channel = channel
@@ -142,7 +143,7 @@ class ChannelAcknowledger:
                 raised = isinstance(status, Failed) and status.exception is not None
                 action = self.options.failure_action(raised)
             self._plan(message, action, acks, others, republish)
-        self.stats["ack"] += len(acks)
+        self.stats.ack += len(acks)
         if republish:
             acks.extend(await self._republish(republish, others))
         await self._send(acks, others)
@@ -166,7 +167,7 @@ class ChannelAcknowledger:
             action == "reject_and_requeue_once" and not delivery.redelivered
         ):
             others.append((tag, frames.reject(self.channel.number, tag, requeue=True)))
-            self.stats["reject_and_requeue"] += 1
+            self.stats.reject_and_requeue += 1
         elif action == "retry" and retry is not None and delivery.attempts + 1 < retry.max_attempts:
             target = retry_queue_name(self.options.queue, retry.delay(delivery.attempts + 1))
             republish.append((message, target, "retry"))
@@ -175,20 +176,28 @@ class ChannelAcknowledger:
             republish.append((message, self.options.dlq_name, "dead_letter"))
         else:
             others.append((tag, frames.reject(self.channel.number, tag, requeue=False)))
-            self.stats["reject"] += 1
+            self.stats.reject += 1
 
     async def _republish(
         self, jobs: list[tuple[Message, str, str]], others: list[tuple[int, bytes]]
     ) -> list[int]:
         """Publish retries and dead letters with confirms; return the tags of the originals
         to ack. One whose publish failed is requeued instead (added to `others`), so
-        nothing is lost."""
+        nothing is lost; one whose copy cannot be built is dead-lettered (see `_copy`)."""
+        copies: list[tuple[Message, str, str, CopyProperties]] = []
+        for message, target, kind in jobs:
+            copy = self._copy(message, target, kind, others)
+            if copy is not None:
+                copies.append(copy)
         results = await asyncio.gather(
-            *(self._publish_copy(message, target) for message, target, _ in jobs),
+            *(
+                self._publish_copy(message, target, properties)
+                for message, target, _, properties in copies
+            ),
             return_exceptions=True,
         )
         acks: list[int] = []
-        for (message, target, kind), result in zip(jobs, results, strict=True):
+        for (message, target, kind, _), result in zip(copies, results, strict=True):
             tag = message.ack_data.tag
             if isinstance(result, BaseException):
                 logger.error(
@@ -200,15 +209,22 @@ class ChannelAcknowledger:
                     error=repr(result),
                 )
                 others.append((tag, frames.reject(self.channel.number, tag, requeue=True)))
-                self.stats["reject_and_requeue"] += 1
+                self.stats.reject_and_requeue += 1
             else:
                 acks.append(tag)
-                self.stats[kind] += 1
+                if kind == "retry":
+                    self.stats.retry += 1
+                else:
+                    self.stats.dead_letter += 1
         return acks
 
-    async def _publish_copy(self, message: Message, target: str) -> None:
-        if self.publisher is None or self.publisher.is_closed:
-            raise ConnectionError("the publishing channel is closed")
+    def _copy(
+        self, message: Message, target: str, kind: str, others: list[tuple[int, bytes]]
+    ) -> tuple[Message, str, str, CopyProperties] | None:
+        """The copy to publish, with the failure in its headers. A copy whose headers
+        cannot be copied as they were goes to the dead-letter queue (a retry would not
+        be the message that arrived), its reason saying what was changed; with no
+        dead-letter queue the original is rejected. Never requeued: that would loop."""
         delivery: Delivery = message.ack_data
         original = delivery.raw.header.properties
         headers = dict(original.headers or {})
@@ -219,21 +235,39 @@ class ChannelAcknowledger:
             headers[EXCEPTION_HEADER] = type(status.exception).__qualname__
         headers[ATTEMPTS_HEADER] = delivery.attempts + 1
         headers[QUEUE_HEADER] = self.options.queue
-        properties = spec.Basic.Properties(
-            content_type=original.content_type,
-            content_encoding=original.content_encoding,
-            headers=headers,
-            delivery_mode=2,
-            priority=original.priority,
-            correlation_id=original.correlation_id,
-            reply_to=original.reply_to,
+        properties, problems = copy_properties(original, headers)
+        if not problems:
+            return message, target, kind, properties
+        self.stats.uncopyable_headers += 1
+        dlq = self.options.dlq_name
+        logger.error(
+            "could not copy the message's headers as they were; dead-lettering it",
+            queue=self.options.queue,
             message_id=original.message_id,
-            timestamp=original.timestamp,
-            message_type=original.message_type,
-            app_id=original.app_id,
+            reason=reason,
+            problems=problems,
+            dead_letter_queue=dlq,
         )
+        if dlq is None:
+            tag = delivery.tag
+            others.append((tag, frames.reject(self.channel.number, tag, requeue=False)))
+            self.stats.reject += 1
+            return None
+        assert properties.headers is not None
+        instead = " (dead-lettered instead of retried)" if kind == "retry" else ""
+        properties.headers[REASON_HEADER] = (
+            f"{reason[:500]}; its headers could not be copied as they were{instead}: "
+            f"{'; '.join(problems)}"
+        )[:1000]
+        return message, dlq, "dead_letter", properties
+
+    async def _publish_copy(
+        self, message: Message, target: str, properties: CopyProperties
+    ) -> None:
+        if self.publisher is None or self.publisher.is_closed:
+            raise ConnectionError("the publishing channel is closed")
         confirmation = await self.publisher.basic_publish(
-            delivery.raw.body,
+            message.ack_data.raw.body,
             exchange="",
             routing_key=target,
             properties=properties,
@@ -282,7 +316,7 @@ class ChannelAcknowledger:
         if below:
             payload.append(frames.ack(number, max(below), multiple=True))
             pending.difference_update(below)
-            self.stats["multiple_ack_frames"] += 1
+            self.stats.multiple_ack_frames += 1
         if everything and pending:
             payload.extend(frames.ack(number, tag) for tag in sorted(pending))
             pending.clear()
@@ -312,7 +346,7 @@ class ChannelAcknowledger:
             await self._write(payload)
 
     def _drop(self, count: int) -> None:
-        self.stats["dropped_stale"] += count
+        self.stats.dropped_stale += count
         logger.info(
             "dropping acknowledgements for a closed channel; the broker redelivers",
             queue=self.options.queue,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -11,13 +10,15 @@ import aiormq
 import structlog
 from aiormq.abc import DeliveredMessage
 
-from ingest._buffer import BufferClosed
+from ingest.exceptions import BufferClosed
 from ingest.message import Message
-from ingest.producer import HOLD_SHARE, PipelineShape, Sink
+from ingest.producer import PipelineShape, Sink
+from ingest.rabbitmq import _fastpath as fastpath
 from ingest.rabbitmq._backoff import reconnect_delay
 from ingest.rabbitmq._connection import open_connection
 from ingest.rabbitmq.acknowledger import ChannelAcknowledger, Delivery, retry_queue_name
 from ingest.rabbitmq.options import RabbitMQOptions, redact
+from ingest.rabbitmq.stats import ProducerStats
 
 logger = structlog.get_logger("ingest.rabbitmq")
 
@@ -58,30 +59,6 @@ def _metadata_reader(fields: tuple[str, ...]) -> Callable[[DeliveredMessage], di
     return read
 
 
-async def _ignore(raw: DeliveredMessage) -> None:
-    """The consumer callback aiormq is given when deliveries bypass it."""
-
-
-def _deliver_directly(
-    channel: aiormq.abc.AbstractChannel, deliver: Callable[[DeliveredMessage], None]
-) -> bool:
-    """Make `channel` hand each delivery to `deliver` from its frame reader, instead of
-    starting a task per delivery. Relies on aiormq's channel internals, so it checks them
-    and returns False (the caller then uses the ordinary consumer callback) if they moved.
-    """
-    read_header = getattr(channel, "_Channel__get_content_header", None)
-    read_content = getattr(channel, "_read_content", None)
-    if read_header is None or read_content is None or not hasattr(channel, "_on_deliver_frame"):
-        return False
-
-    async def on_deliver_frame(frame: Any) -> None:
-        header = await read_header()
-        deliver(await read_content(frame, header))
-
-    setattr(channel, "_on_deliver_frame", on_deliver_frame)  # noqa: B010
-    return True
-
-
 class RabbitMQProducer:
     """Feeds a pipeline from a RabbitMQ queue (broadway_rabbitmq's producer).
 
@@ -93,7 +70,7 @@ class RabbitMQProducer:
 
     def __init__(self, options: RabbitMQOptions) -> None:
         self.options = options
-        self.stats: Counter[str] = Counter()
+        self.stats = ProducerStats()
         self.prefetch_count = options.prefetch_count or 50
         self._consumers = [
             _Consumer(self, index, options.for_producer(index))
@@ -111,26 +88,10 @@ class RabbitMQProducer:
 
     def bind(self, shape: PipelineShape) -> int:
         """Check prefetch against the batchers (or pick one), before anything starts."""
-        needed = shape.bound_for_full_batches()
         if self.options.prefetch_count is None:
-            processors = shape.processors
-            self.prefetch_count = max(
-                50, 2 * shape.batch_sizes(), processors.concurrency * processors.max_demand
-            )
-        elif self.options.prefetch_count < needed:
-            sizes = ", ".join(
-                f"{name} ({options.max_messages})"
-                for name, options in shape.batchers.items()
-                if options.max_messages
-            )
-            raise ValueError(
-                f"pipeline {shape.name!r}: prefetch_count {self.options.prefetch_count} is "
-                f"too small for the batchers {sizes} to fill one batch each (open batches "
-                f"close early once they hold {HOLD_SHARE} of the prefetch); raise "
-                f"prefetch_count to at least {needed} (more for throughput) or lower the batch "
-                f"sizes"
-            )
+            self.prefetch_count = shape.default_bound()
         else:
+            shape.check_bound(self.options.prefetch_count, "prefetch_count")
             self.prefetch_count = self.options.prefetch_count
         return self.prefetch_count * len(self._consumers)
 
@@ -200,7 +161,7 @@ class _Consumer:
                 return
             await self._close_connection()
             attempt += 1
-            self.stats["reconnects"] += 1
+            self.stats.reconnects += 1
             delay = reconnect_delay(self.options.backoff, attempt)
             if delay is None:
                 self._log.error("broker connection lost and backoff is 'stop': giving up")
@@ -238,10 +199,10 @@ class _Consumer:
         )
         # Deliveries skip aiormq's task per message: the channel's reader hands them to
         # _deliver directly (the single biggest per-message cost of a Python consumer).
-        direct = _deliver_directly(channel, self._deliver)
+        direct = fastpath.deliver_directly(channel, self._deliver)
         ok = await channel.basic_consume(
             options.queue,
-            _ignore if direct else self._on_delivery,
+            fastpath.ignore if direct else self._on_delivery,
             no_ack=options.no_ack,
             exclusive=options.consume_exclusive,
             arguments=dict(options.consume_arguments),
@@ -305,7 +266,7 @@ class _Consumer:
             else "connection lost"
         )
         self._log.warning("stopped consuming; reconnecting", reason=reason)
-        self.stats["connection_losses"] += 1
+        self.stats.connection_losses += 1
 
     def _on_broker_cancel(self, frame: Any) -> None:
         self._cancelled_by_broker.set()
@@ -313,7 +274,7 @@ class _Consumer:
     def _deliver(self, raw: DeliveredMessage) -> None:
         acknowledger = self._acknowledger
         if acknowledger is None or acknowledger.channel is not raw.channel:
-            self.stats["dropped_stale_delivery"] += 1
+            self.stats.dropped_stale_delivery += 1
             return
         # Deliveries read in one turn of the event loop go to the pipeline together: one
         # wake-up and one chunk for the processors instead of one per message.
@@ -335,7 +296,7 @@ class _Consumer:
                 return
         except BufferClosed:
             # Draining: left unacknowledged; closing the channel hands them back to the broker.
-            self.stats["not_taken_while_draining"] += len(messages)
+            self.stats.not_taken_while_draining += len(messages)
             return
         # Only when the intake is smaller than the prefetch (a producer not bound to its
         # pipeline): wait for room, bounded by the prefetch.
@@ -347,7 +308,7 @@ class _Consumer:
         try:
             await sink.push(messages)
         except BufferClosed:
-            self.stats["not_taken_while_draining"] += len(messages)
+            self.stats.not_taken_while_draining += len(messages)
 
     async def _on_delivery(self, raw: DeliveredMessage) -> None:
         self._deliver(raw)

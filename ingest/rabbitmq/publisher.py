@@ -12,19 +12,12 @@ import aiormq
 import structlog
 from pamqp import commands as spec
 
+from ingest.exceptions import PublishError, Unroutable
 from ingest.rabbitmq._backoff import reconnect_delay
 from ingest.rabbitmq._connection import CONNECTION_ERRORS, open_connection
 from ingest.rabbitmq.options import Backoff, redact
 
 logger = structlog.get_logger("ingest.rabbitmq")
-
-
-class PublishError(Exception):
-    """A publish the broker did not confirm."""
-
-
-class Unroutable(PublishError):
-    """The broker returned the message: no queue is bound for its routing key."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,9 +15,10 @@ import structlog
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from ingest.exceptions import ConfigurationError, PipelineFailed, PublishError, StartupError
 from ingest.rabbitmq.options import redact
-from ingest.rabbitmq.publisher import OutgoingMessage, Publisher, PublishError
-from ingest.service.hosting import ConfigurationError, StartupError, build, serve
+from ingest.rabbitmq.publisher import OutgoingMessage, Publisher
+from ingest.service.hosting import build, serve
 from ingest.service.logging import configure_logging
 from ingest.service.settings import Settings
 from ingest.service.workers import supervise
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _topology(settings)
     except ConfigurationError as error:
         return _fail(str(error), 2)
-    except StartupError as error:
+    except (StartupError, PipelineFailed) as error:
         return _fail(str(error), 1)
 
 

@@ -13,9 +13,11 @@ from typing import Any, Protocol
 import structlog
 
 from ingest._terminator import close_within
+from ingest.exceptions import ConfigurationError, PipelineFailed, StartupError
 from ingest.pipeline import Pipeline
 from ingest.producers.csv_file import CsvFileProducer
 from ingest.rabbitmq.producer import RabbitMQProducer
+from ingest.rabbitmq.stats import ProducerStats
 from ingest.service.http import HealthServer
 from ingest.service.logging import log_failures
 from ingest.service.metrics import Metrics
@@ -26,14 +28,6 @@ logger = structlog.get_logger("ingest.service")
 ENTRY_POINT_GROUP = "ingest.pipelines"
 
 
-class ConfigurationError(Exception):
-    """The configuration cannot work; the message says what to change."""
-
-
-class StartupError(Exception):
-    """Something the pipelines need (a database, a mail server) is not there."""
-
-
 @dataclass
 class HostedPipeline:
     """A pipeline as the service runs it, with what it needs around it.
@@ -41,17 +35,29 @@ class HostedPipeline:
     `startup` runs before the pipeline starts (create the schema, check the database:
     raise StartupError if it cannot work) and `shutdown` after it stopped. `finished`
     (file producers) stops the service once set. `samples(n)` makes n example payloads for
-    `ingest publish --count`.
+    `ingest publish --count`. `ready` says whether the producer consumes (a broker
+    connection is up); `not_ready()` covers the pipeline's own state too.
     """
 
     pipeline: Pipeline
     queue: str | None
     ready: Callable[[], bool]
-    stats: Mapping[str, int] | None = None
+    stats: ProducerStats | None = None
     startup: Callable[[], Awaitable[None]] | None = None
     shutdown: Callable[[], Awaitable[None]] | None = None
     samples: Callable[[int], list[bytes]] | None = None
     finished: asyncio.Event | None = None
+
+    def not_ready(self) -> str | None:
+        """Why the pipeline is not ready (for /readyz), or None while it is running and
+        consuming."""
+        pipeline = self.pipeline
+        state = pipeline.state
+        if state == "running":
+            return None if self.ready() else "not consuming: no broker connection"
+        if state in ("restarting", "failed"):
+            return f"{state}: {pipeline.failure}"
+        return state
 
     @classmethod
     def of(
@@ -125,7 +131,9 @@ async def serve(
     started: asyncio.Event | None = None,
 ) -> None:
     """Start everything, run until SIGTERM/SIGINT, `stop` or every file is done, then
-    drain. `started` is set once the HTTP server listens and the pipelines run."""
+    drain. `started` is set once the HTTP server listens and the pipelines run. A pipeline
+    that crashes is restarted by its supervisor; one that fails past its restart limit
+    stops the others (drained) and raises PipelineFailed."""
     for name, item in hosted.items():
         if item.startup is not None:
             try:
@@ -142,7 +150,7 @@ async def serve(
         settings.http_host,
         settings.http_port,
         metrics.registry,
-        {name: item.ready for name, item in hosted.items()},
+        {name: item.not_ready for name, item in hosted.items()},
     )
     try:
         await http.start()
@@ -151,6 +159,7 @@ async def serve(
             f"cannot serve HTTP on {settings.http_host}:{settings.http_port}: {exc.strerror or exc}"
         ) from exc
     stop = stop or asyncio.Event()
+    failed: list[Pipeline] = []
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -161,13 +170,16 @@ async def serve(
         files = [item.finished for item in hosted.values() if item.finished is not None]
         if files:
             waiters.append(asyncio.gather(*(f.wait() for f in files)))
+        # A pipeline's supervision ends before the stop only when it failed for good.
+        waiters.extend(asyncio.ensure_future(item.pipeline.wait()) for item in hosted.values())
         logger.info("running", pipelines=list(hosted))
         if started is not None:
             started.set()
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for waiter in waiters:
             waiter.cancel()
-        logger.info("stopping", signal=stop.is_set())
+        failed = [item.pipeline for item in hosted.values() if item.pipeline.state == "failed"]
+        logger.info("stopping", signal=stop.is_set(), failed=[p.name for p in failed])
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
@@ -178,3 +190,6 @@ async def serve(
                     item.shutdown(), logger.bind(pipeline=name), "pipeline shutdown hook"
                 )
         await http.stop()
+    if failed:
+        # The others were drained; a process manager (compose, Kubernetes) restarts us.
+        raise PipelineFailed("; ".join(str(pipeline.failure) for pipeline in failed))

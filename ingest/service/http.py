@@ -16,14 +16,16 @@ _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Servic
 
 class HealthServer:
     """`GET /metrics` (Prometheus text format), `GET /healthz` (the process answers) and
-    `GET /readyz` (200 only while every pipeline is ready; the body says which is not)."""
+    `GET /readyz` (200 only while every pipeline is ready; the body says which is not and
+    why). `readiness` maps each pipeline to a function returning why it is not ready, or
+    None."""
 
     def __init__(
         self,
         host: str,
         port: int,
         registry: CollectorRegistry,
-        readiness: Mapping[str, Callable[[], bool]],
+        readiness: Mapping[str, Callable[[], str | None]],
     ) -> None:
         self.host = host
         self.port = port
@@ -79,7 +81,11 @@ class HealthServer:
         if path == "/healthz":
             return 200, "text/plain", b"ok\n"
         if path == "/readyz":
-            states = {name: ready() for name, ready in self.readiness.items()}
-            status = 200 if states and all(states.values()) else 503
-            return status, "application/json", json.dumps({"ready": states}).encode() + b"\n"
+            reasons = {name: not_ready() for name, not_ready in self.readiness.items()}
+            body: dict[str, object] = {"ready": {n: r is None for n, r in reasons.items()}}
+            problems = {name: reason for name, reason in reasons.items() if reason is not None}
+            if problems:
+                body["not_ready"] = problems
+            status = 200 if reasons and not problems else 503
+            return status, "application/json", json.dumps(body).encode() + b"\n"
         return 404, "text/plain", b"not found\n"

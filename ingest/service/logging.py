@@ -9,7 +9,6 @@ from typing import Literal
 
 import structlog
 
-from ingest._processor import PROCESSOR_STAGE
 from ingest.events import Event
 
 
@@ -60,7 +59,7 @@ def log_failures(event: Event) -> None:
     log = structlog.get_logger("ingest.pipeline").bind(pipeline=event.pipeline, stage=event.stage)
     if event.kind == "ack" and event.failed:
         # A message failed by a processor never reached a batcher: no batcher to name.
-        batched = not event.stage.startswith(PROCESSOR_STAGE)
+        batched = event.stage_kind != "processor"
         for message in event.messages:
             if message.is_ok:
                 continue

@@ -5,17 +5,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ingest.events import Event
-from ingest.pipeline import Pipeline
+from ingest.events import Event, EventKind
+from ingest.pipeline import Pipeline, State
+from ingest.rabbitmq.stats import ProducerStats
 
 # The *_created samples only clutter the text format here.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
+# The `hook` label of ingest_hook_exceptions_total, per event kind.
+_HOOK_OF: dict[EventKind, str] = {
+    "processor.exception": "processor",
+    "message.exception": "message",
+    "batch.exception": "batch",
+    "ack.exception": "ack",
+    "handle_failed.exception": "handle_failed",
+}
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _SIZES = (1, 2, 5, 10, 20, 50, 75, 100, 200, 500, 1000)
 
@@ -26,7 +36,7 @@ class Watched:
 
     pipeline: Pipeline
     ready: Callable[[], bool]
-    stats: Mapping[str, int] | None
+    stats: ProducerStats | None
 
 
 class Metrics:
@@ -76,12 +86,13 @@ class Metrics:
         )
         self._watched: dict[str, Watched] = {}
         r.register(_PipelineCollector(self._watched))
+        r.register(_SupervisionCollector(self._watched))
 
     def watch(
         self,
         pipeline: Pipeline,
         ready: Callable[[], bool],
-        stats: Mapping[str, int] | None = None,
+        stats: ProducerStats | None = None,
     ) -> None:
         """Subscribe to `pipeline`'s events and report its gauges and producer stats."""
         self._watched[pipeline.name] = Watched(pipeline, ready, stats)
@@ -103,15 +114,12 @@ class Metrics:
             self.batches.labels(name, info.batcher, info.trigger).inc()
             self.batch_size.labels(name, info.batcher).observe(info.size)
             self.handle_batch.labels(name, info.batcher).observe(event.duration or 0.0)
-        elif kind.endswith(".exception"):
-            self.hook_errors.labels(name, kind.split(".")[0]).inc()
+        elif kind in _HOOK_OF:
+            self.hook_errors.labels(name, _HOOK_OF[kind]).inc()
 
 
 class _PipelineCollector(Collector):
     """Gauges and producer counters read at scrape time: nothing on the hot path."""
-
-    # Producer stats that are acknowledgement actions, and the rest.
-    ACTIONS = ("ack", "reject", "reject_and_requeue", "retry", "dead_letter")
 
     def __init__(self, watched: Mapping[str, Watched]) -> None:
         self._watched = watched
@@ -136,10 +144,37 @@ class _PipelineCollector(Collector):
         for name, watched in self._watched.items():
             in_flight.add_metric([name], watched.pipeline.in_flight)
             connected.add_metric([name], 1.0 if watched.ready() else 0.0)
-            stats = watched.stats or {}
-            for action in self.ACTIONS:
-                acks.add_metric([name, action], stats.get(action, 0))
-            for event, value in stats.items():
-                if event not in self.ACTIONS:
-                    producer.add_metric([name, event], value)
+            stats = watched.stats or ProducerStats()
+            for action, value in stats.acknowledgements().items():
+                acks.add_metric([name, action], value)
+            for event, value in stats.events().items():
+                producer.add_metric([name, event], value)
         yield from (in_flight, connected, acks, producer)
+
+
+class _SupervisionCollector(Collector):
+    """What each pipeline's supervisor reports: crashes (each restarts the pipeline, but
+    the last when it failed) and the state, read at scrape time."""
+
+    STATES: tuple[State, ...] = get_args(State)
+
+    def __init__(self, watched: Mapping[str, Watched]) -> None:
+        self._watched = watched
+
+    def collect(self) -> Iterator[Metric]:
+        restarts = CounterMetricFamily(
+            "ingest_pipeline_restarts",
+            "Crashes of a pipeline stage, each followed by a restart of the pipeline",
+            labels=["pipeline"],
+        )
+        states = GaugeMetricFamily(
+            "ingest_pipeline_state",
+            "1 for the state the pipeline is in (running, restarting, failed, ...)",
+            labels=["pipeline", "state"],
+        )
+        for name, watched in self._watched.items():
+            pipeline = watched.pipeline
+            restarts.add_metric([name], pipeline.crashes)
+            for state in self.STATES:
+                states.add_metric([name, state], 1.0 if pipeline.state == state else 0.0)
+        yield from (restarts, states)

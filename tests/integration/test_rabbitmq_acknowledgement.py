@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import struct
 from typing import Any
 
 import aiormq
@@ -26,9 +28,11 @@ class Scripted(Handlers):
     def __init__(self, on_failure: str | None = None) -> None:
         self.on_failure = on_failure
         self.seen: list[tuple[bytes, bool]] = []
+        self.headers: list[dict[str, Any]] = []
 
     async def handle_message(self, processor: str, message: Message, context: Any) -> Message:
         self.seen.append((message.data, message.metadata["redelivered"]))
+        self.headers.append(message.metadata["headers"])
         if message.data.startswith(b"fail"):
             return message.failed("told to fail")
         if message.data.startswith(b"raise"):
@@ -167,3 +171,88 @@ async def _depth_is(channel: aiormq.abc.AbstractChannel, queue: str, count: int)
         return await queue_depth(channel, queue) == count
     except aiormq.exceptions.ChannelNotFoundEntity:
         return False
+
+
+class RawHeaders(aiormq.spec.Basic.Properties):
+    """Properties whose headers table goes out as the bytes given: what another client may
+    send and pamqp's own encoder would refuse (a long string that is not UTF-8) or change
+    (a 64-bit double)."""
+
+    def __init__(self, table: bytes) -> None:
+        super().__init__(headers={"replaced": "by the raw table"}, delivery_mode=2)
+        self.raw_table = table
+
+    def encode_property(self, name: str, value: Any) -> bytes:
+        return self.raw_table if name == "headers" else super().encode_property(name, value)
+
+
+def _field(key: str, value: bytes) -> bytes:
+    """A table field: its name, then a value with its type tag."""
+    return bytes([len(key)]) + key.encode() + value
+
+
+def _sized(*parts: bytes) -> bytes:
+    payload = b"".join(parts)
+    return struct.pack(">I", len(payload)) + payload
+
+
+def _long_string(raw: bytes) -> bytes:
+    return b"S" + _sized(raw)
+
+
+def _double(value: float) -> bytes:
+    return b"d" + struct.pack(">d", value)
+
+
+@pytest.mark.parametrize(
+    ("body", "options"),
+    [
+        pytest.param(b"fail-raw", {}, id="failed-without-retry-policy"),
+        pytest.param(
+            b"raise-raw",
+            {"retry": RetryPolicy(max_attempts=3, delays=(0.1,))},
+            id="raised-with-retry-policy",
+        ),
+    ],
+)
+async def test_a_header_that_cannot_be_copied_dead_letters_once_with_the_reason(
+    make_rabbit_pipeline: MakeRabbitPipeline,
+    amqp: aiormq.abc.AbstractChannel,
+    queue_name: str,
+    body: bytes,
+    options: dict[str, Any],
+) -> None:
+    handlers = Scripted()
+    pipeline, producer = await make_rabbit_pipeline(handlers, **options)
+    table = _sized(_field("x-raw", _long_string(b"\xff\xfe")), _field("kept", _long_string(b"ok")))
+    await amqp.basic_publish(body, routing_key=queue_name, properties=RawHeaders(table))
+    await eventually(lambda: _depth_is(amqp, f"{queue_name}.dlq", 1))
+    await asyncio.sleep(0.3)  # a requeue loop would deliver it again meanwhile
+    await pipeline.stop()
+    assert handlers.seen == [(body, False)]
+    assert await queue_depth(amqp, queue_name) == 0
+    [dead] = await drain_queue(amqp, f"{queue_name}.dlq")
+    headers = dead.header.properties.headers
+    assert dead.body == body
+    assert "'x-raw' held a long string that is not UTF-8" in headers[REASON_HEADER]
+    assert headers["x-raw"] == bytearray(b"\xff\xfe")  # the same bytes, as a byte array
+    assert headers["kept"] == "ok"
+    assert (producer.stats.uncopyable_headers, producer.stats.dead_letter) == (1, 1)
+    assert producer.stats.reject_and_requeue == 0
+
+
+async def test_float_headers_are_copied_exactly_to_retries_and_dead_letters(
+    make_rabbit_pipeline: MakeRabbitPipeline, amqp: aiormq.abc.AbstractChannel, queue_name: str
+) -> None:
+    handlers = Scripted()
+    await make_rabbit_pipeline(handlers, retry=RetryPolicy(max_attempts=2, delays=(0.1,)))
+    lines = b"A" + _sized(_double(0.1), _double(1e-300), b"F" + _sized())
+    order = b"F" + _sized(_field("total", _double(19.99)), _field("lines", lines))
+    table = _sized(_field("price", _double(19.99)), _field("order", order))
+    await amqp.basic_publish(b"raise-float", routing_key=queue_name, properties=RawHeaders(table))
+    await eventually(lambda: _depth_is(amqp, f"{queue_name}.dlq", 1))
+    [dead] = await drain_queue(amqp, f"{queue_name}.dlq")
+    expected = {"price": 19.99, "order": {"total": 19.99, "lines": [0.1, 1e-300, {}]}}
+    retried = handlers.headers[1]  # the retry copy, as the handler saw it
+    copies = [retried, dead.header.properties.headers]
+    assert [{k: h[k] for k in expected} for h in copies] == [expected, expected]

@@ -1,4 +1,4 @@
-"""RabbitMQ options, the prefetch check, backoff and hand-packed frames (no broker)."""
+"""RabbitMQ options, the prefetch check and backoff (no broker)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,10 @@ import random
 from collections import Counter
 from typing import Any
 
-import pamqp.frame
 import pytest
-from pamqp import commands as spec
 
 from ingest import Batcher, Handlers, Message, Pipeline, Processors
 from ingest.rabbitmq import Backoff, RabbitMQOptions, RabbitMQProducer, RetryPolicy
-from ingest.rabbitmq import _frames as frames
 from ingest.rabbitmq._backoff import reconnect_delay
 from ingest.rabbitmq.acknowledger import ChannelAcknowledger
 from ingest.rabbitmq.options import redact
@@ -149,21 +146,6 @@ def test_random_reconnect_delays_stay_within_bounds() -> None:
 def test_retry_delays_repeat_the_last_one() -> None:
     policy = RetryPolicy(max_attempts=5, delays=(1.0, 10.0))
     assert [policy.delay(n) for n in range(1, 5)] == [1.0, 10.0, 10.0, 10.0]
-
-
-@pytest.mark.parametrize(
-    ("packed", "method"),
-    [
-        (frames.ack(7, 2**40, multiple=True), spec.Basic.Ack(2**40, True)),
-        (frames.ack(1, 5), spec.Basic.Ack(5, False)),
-        (frames.reject(3, 9, requeue=True), spec.Basic.Reject(9, True)),
-        (frames.nack(2, 4, multiple=True, requeue=False), spec.Basic.Nack(4, True, False)),
-    ],
-    ids=["ack-multiple", "ack", "reject-requeue", "nack"],
-)
-def test_hand_packed_frames_match_pamqp(packed: bytes, method: Any) -> None:
-    channel = packed[2] if packed[1] == 0 else packed[1] << 8 | packed[2]
-    assert packed == pamqp.frame.marshal(method, channel)
 
 
 def test_configure_ack_refuses_retry_on_success_and_retry_without_a_policy() -> None:

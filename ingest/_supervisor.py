@@ -1,0 +1,256 @@
+"""The supervisor: a pipeline's stages and producer tasks under one task group, restarted
+after a crash (Broadway's supervisor, OTP's restart intensity)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Literal
+
+import structlog
+
+from ingest._batch_processor import run_batch_processor
+from ingest._batcher import BatcherStage
+from ingest._buffer import Buffer
+from ingest._intake import Intake
+from ingest._processor import PROCESSOR_STAGE, run_processor
+from ingest._runtime import Batch, Runtime
+from ingest._terminator import Stages, close_within, shut_down
+from ingest.events import Event
+from ingest.exceptions import PipelineFailed, StageCrashed
+from ingest.message import Message
+from ingest.options import Batcher
+
+if TYPE_CHECKING:
+    from ingest.pipeline import Pipeline
+
+logger = structlog.get_logger("ingest")
+
+State = Literal["new", "running", "restarting", "failed", "stopping", "stopped"]
+
+# Restarts wait a little longer each time (0.5, 1, 2, 4, 5, 5 ... s), so that a pipeline
+# crashing at once on start does not spin; the restart limit still applies.
+_FIRST_DELAY_S = 0.5
+_MAX_DELAY_S = 5.0
+
+
+class Supervisor:
+    """Runs one pipeline: a *generation* is a runtime, its buffers and every stage and
+    producer task, all children of one `asyncio.TaskGroup`. A drain ends a generation
+    normally. An exception escaping any task crashes it: the task group cancels the rest,
+    the producer is closed (a broker redelivers what was not acknowledged; nothing is
+    acknowledged unprocessed), and a new generation starts after a delay — unless the
+    pipeline crashed more than `max_restarts` times within `max_seconds`, when it fails.
+    """
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.state: State = "new"
+        self.crashes = 0
+        self.failure: BaseException | None = None
+        self._runtime: Runtime | None = None
+        self._stages: Stages | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stop_requested = asyncio.Event()
+        self._log = logger.bind(pipeline=pipeline.name)
+
+    @property
+    def runtime(self) -> Runtime | None:
+        return self._runtime
+
+    async def start(self) -> None:
+        """Start the first generation; raise what prevented it (e.g. the producer's
+        `start` raising), and the pipeline is then failed."""
+        started = asyncio.get_running_loop().create_future()
+        self.state = "running"
+        self._task = asyncio.create_task(self._supervise(started), name=self.pipeline.name)
+        try:
+            await started
+        except BaseException:
+            await asyncio.gather(self._task, return_exceptions=True)
+            raise
+
+    async def stop(self) -> None:
+        """Drain the live generation, if any, and end supervision."""
+        self._stop_requested.set()
+        if self.state == "running" and self._stages is not None:
+            self.state = "stopping"
+            assert self._runtime is not None
+            await shut_down(
+                self._runtime, self.pipeline.producer, self._stages, self.pipeline.shutdown_timeout
+            )
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.state != "failed":
+            self.state = "stopped"
+
+    async def wait(self) -> None:
+        """Return once supervision ended: stopped, or failed past the restart limit."""
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _supervise(self, started: asyncio.Future[None]) -> None:
+        loop = asyncio.get_running_loop()
+        recent: deque[float] = deque()
+        while True:
+            try:
+                await self._run_generation(started)
+                return  # drained by stop()
+            except BaseExceptionGroup as group:
+                error = _first_crash(group)
+            self.crashes += 1
+            self.failure = error
+            self._on_crash(error)
+            producer = self.pipeline.producer
+            await close_within(producer.close(), self._log, "producer close after a crash")
+            if not started.done():
+                self.state = "failed"
+                started.set_exception(error)
+                return
+            if self._stop_requested.is_set():
+                return
+            now = loop.time()
+            recent.append(now)
+            while recent and recent[0] < now - self.pipeline.max_seconds:
+                recent.popleft()
+            if len(recent) > self.pipeline.max_restarts:
+                self._give_up(error, len(recent))
+                return
+            self.state = "restarting"
+            delay = min(_FIRST_DELAY_S * 2 ** (len(recent) - 1), _MAX_DELAY_S)
+            self._log.warning("restarting the pipeline", delay=delay, crashes=self.crashes)
+            try:
+                async with asyncio.timeout(delay):
+                    await self._stop_requested.wait()
+                return  # stopped while waiting to restart
+            except TimeoutError:
+                self.state = "running"
+
+    async def _run_generation(self, started: asyncio.Future[None]) -> None:
+        pipeline = self.pipeline
+        async with asyncio.TaskGroup() as group:
+
+            def spawn(coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+                return group.create_task(
+                    self._guard(coroutine, name), name=f"{pipeline.name}.{name}"
+                )
+
+            intake = self._build(spawn)
+            if pipeline.events:
+                pipeline.events.emit(Event("pipeline.start", pipeline.name, "pipeline", "pipeline"))
+            await pipeline.producer.start(intake)
+            if not started.done():
+                started.set_result(None)
+            self._log.info(
+                "pipeline started",
+                processors=pipeline.processors.concurrency,
+                batchers=list(pipeline.batchers),
+                generation=self.crashes,
+            )
+
+    async def _guard(self, coroutine: Coroutine[Any, Any, None], stage: str) -> None:
+        """Run a stage; what escapes it (hooks' failures never do) is a crash, named."""
+        try:
+            await coroutine
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            raise StageCrashed(self.pipeline.name, stage, exc) from exc
+
+    def _on_crash(self, error: BaseException) -> None:
+        pipeline = self.pipeline
+        # The traceback is logged here, once; /readyz and the metrics say it too.
+        self._log.error(
+            "pipeline crashed; unacknowledged messages are left to the producer",
+            error=str(error),
+            crashes=self.crashes,
+            exc_info=error,
+        )
+        if pipeline.events:
+            pipeline.events.emit(
+                Event("pipeline.crash", pipeline.name, "pipeline", "pipeline", exception=error)
+            )
+
+    def _give_up(self, error: BaseException, crashes: int) -> None:
+        pipeline = self.pipeline
+        self.state = "failed"
+        self.failure = PipelineFailed(
+            f"pipeline {pipeline.name!r} crashed {crashes} times within "
+            f"{pipeline.max_seconds:g}s (max_restarts={pipeline.max_restarts}); last: {error}"
+        )
+        self.failure.__cause__ = error
+        self._log.error("pipeline failed: restart limit reached", error=str(self.failure))
+
+    def _build(self, spawn: Any) -> Intake:
+        """A new runtime, its buffers and every stage, spawned; the intake for the producer."""
+        pipeline = self.pipeline
+        processors = pipeline.processors
+        rt = Runtime(
+            pipeline=pipeline.name,
+            handlers=pipeline.handlers,
+            context=pipeline.context,
+            events=pipeline.events,
+            handler_timeout=pipeline.handler_timeout,
+            partition_by=pipeline.partition_by,
+            rate_limiter=pipeline._rate_limiter,
+        )
+        resume_at = processors.max_demand - processors.effective_min_demand
+        # A producer that holds N unacknowledged messages (a broker's prefetch) can always
+        # hand them all over: they are bounded by it, and the broker waits for acks.
+        holds = pipeline._producer_holds or 0
+        if pipeline.partition_by is None:
+            capacity = max(processors.concurrency * processors.max_demand, holds)
+            inboxes = [Buffer[Message](capacity, resume_at)]
+        else:
+            capacity = max(processors.max_demand, holds)
+            inboxes = [Buffer[Message](capacity, resume_at) for _ in range(processors.concurrency)]
+        if holds:
+            # Batches close early rather than hold most of the producer's unacknowledged
+            # messages: see BatcherStage.
+            rt.hold_limit = pipeline._shape.hold_limit(holds)
+        stages = Stages(intake=inboxes)
+        for name, options in pipeline.batchers.items():
+            self._build_batcher(rt, stages, name, options, spawn)
+        for index in range(processors.concurrency):
+            worker = f"{PROCESSOR_STAGE}{index}"
+            inbox = inboxes[index if pipeline.partition_by else 0]
+            stages.processors.append(
+                spawn(run_processor(rt, worker, inbox, processors.max_demand), worker)
+            )
+        self._runtime, self._stages = rt, stages
+        return Intake(rt, inboxes, processors.concurrency, spawn)
+
+    def _build_batcher(
+        self, rt: Runtime, stages: Stages, name: str, options: Batcher, spawn: Any
+    ) -> None:
+        """One batcher stage and its batch processors, with a closed batch waiting for each
+        (one per partition when partitioned: a partition keeps its batch processor)."""
+        processors = self.pipeline.processors
+        # A batcher's inbox holds a few batches' worth of messages.
+        capacity = max(
+            processors.concurrency * processors.max_demand, options.max_messages or 1_000
+        )
+        inbox = Buffer[Message](capacity, capacity // 2)
+        rt.batcher_inboxes[name] = inbox
+        stages.batcher_inboxes.append(inbox)
+        partitioned = self.pipeline.partition_by is not None
+        outboxes = [
+            Buffer[Batch](1 if partitioned else options.concurrency)
+            for _ in range(options.concurrency if partitioned else 1)
+        ]
+        batcher = BatcherStage(rt, name, options, inbox, outboxes)
+        stages.batchers.append(spawn(batcher.run(), f"batcher_{name}"))
+        for index in range(options.concurrency):
+            worker = f"batch_processor_{name}_{index}"
+            outbox = outboxes[index if partitioned else 0]
+            stages.batch_processors.append(spawn(run_batch_processor(rt, worker, outbox), worker))
+
+
+def _first_crash(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception that crashed a generation (the others are its consequences)."""
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            return _first_crash(error)
+        return error
+    return group
