@@ -52,6 +52,7 @@ class Supervisor:
         self._runtime: Runtime | None = None
         self._stages: Stages | None = None
         self._task: asyncio.Task[None] | None = None
+        self._crash: StageCrashed | None = None
         self._stop_requested = asyncio.Event()
         self._log = logger.bind(pipeline=pipeline.name)
 
@@ -74,16 +75,20 @@ class Supervisor:
     async def stop(self) -> None:
         """Drain the live generation, if any, and end supervision."""
         self._stop_requested.set()
-        if self.state == "running" and self._stages is not None:
-            self.state = "stopping"
-            assert self._runtime is not None
-            await shut_down(
-                self._runtime, self.pipeline.producer, self._stages, self.pipeline.shutdown_timeout
-            )
+        if self.state == "running":
+            await self._drain()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
         if self.state != "failed":
             self.state = "stopped"
+
+    async def _drain(self) -> None:
+        self.state = "stopping"
+        assert self._runtime is not None
+        assert self._stages is not None
+        await shut_down(
+            self._runtime, self.pipeline.producer, self._stages, self.pipeline.shutdown_timeout
+        )
 
     async def wait(self) -> None:
         """Return once supervision ended: stopped, or failed past the restart limit."""
@@ -98,7 +103,7 @@ class Supervisor:
                 await self._run_generation(started)
                 return  # drained by stop()
             except BaseExceptionGroup as group:
-                error = _first_crash(group)
+                error = self._crash or _first(group)
             self.crashes += 1
             self.failure = error
             self._on_crash(error)
@@ -125,16 +130,17 @@ class Supervisor:
                     await self._stop_requested.wait()
                 return  # stopped while waiting to restart
             except TimeoutError:
-                self.state = "running"
+                pass
 
     async def _run_generation(self, started: asyncio.Future[None]) -> None:
         pipeline = self.pipeline
+        self._crash = None
         async with asyncio.TaskGroup() as group:
 
             def spawn(coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-                return group.create_task(
-                    self._guard(coroutine, name), name=f"{pipeline.name}.{name}"
-                )
+                task = group.create_task(coroutine, name=f"{pipeline.name}.{name}")
+                task.add_done_callback(lambda task: self._note_crash(task, name))
+                return task
 
             intake = self._build(spawn)
             if pipeline.events:
@@ -142,6 +148,11 @@ class Supervisor:
             await pipeline.producer.start(intake)
             if not started.done():
                 started.set_result(None)
+            if self._stop_requested.is_set():
+                # stop() came while this generation was starting after a crash.
+                await self._drain()
+                return
+            self.state = "running"
             self._log.info(
                 "pipeline started",
                 processors=pipeline.processors.concurrency,
@@ -149,14 +160,15 @@ class Supervisor:
                 generation=self.crashes,
             )
 
-    async def _guard(self, coroutine: Coroutine[Any, Any, None], stage: str) -> None:
-        """Run a stage; what escapes it (hooks' failures never do) is a crash, named."""
-        try:
-            await coroutine
-        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:
-            raise StageCrashed(self.pipeline.name, stage, exc) from exc
+    def _note_crash(self, task: asyncio.Task[None], stage: str) -> None:
+        """Name the first task of a generation that ended with an exception (what escapes a
+        stage; hooks' failures never do): the others are its consequences."""
+        if self._crash is not None or task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            self._crash = StageCrashed(self.pipeline.name, stage, error)
+            self._crash.__cause__ = error
 
     def _on_crash(self, error: BaseException) -> None:
         pipeline = self.pipeline
@@ -247,10 +259,8 @@ class Supervisor:
             stages.batch_processors.append(spawn(run_batch_processor(rt, worker, outbox), worker))
 
 
-def _first_crash(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The exception that crashed a generation (the others are its consequences)."""
-    for error in group.exceptions:
-        if isinstance(error, BaseExceptionGroup):
-            return _first_crash(error)
-        return error
-    return group
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception of a group: what the body of a generation raised (a producer
+    whose `start` raised), when no task did."""
+    error = group.exceptions[0]
+    return _first(error) if isinstance(error, BaseExceptionGroup) else error

@@ -93,7 +93,7 @@ class RabbitMQProducer:
         else:
             shape.check_bound(self.options.prefetch_count, "prefetch_count")
             self.prefetch_count = self.options.prefetch_count
-        return self.prefetch_count * len(self._consumers)
+        return sum(consumer.prefetch_count for consumer in self._consumers)
 
     async def start(self, sink: Sink) -> None:
         for consumer in self._consumers:
@@ -137,6 +137,13 @@ class _Consumer:
     @property
     def ready(self) -> bool:
         return self.consuming.is_set()
+
+    @property
+    def prefetch_count(self) -> int:
+        """This consumer's QoS: its `per_producer` prefetch_count, else the producer's."""
+        overrides = self.owner.options.per_producer.get(self.index, {})
+        own: int | None = overrides.get("prefetch_count")
+        return own if own is not None else self.owner.prefetch_count
 
     def start(self, sink: Sink) -> None:
         self._sink = sink
@@ -182,11 +189,11 @@ class _Consumer:
         # reader and the connection reader take turns every 3 messages; a buffer the size
         # of the prefetch lets a whole burst through in one turn (bounded by the prefetch).
         channel = await connection.channel(
-            publisher_confirms=False, frame_buffer_size=3 * self.owner.prefetch_count + 10
+            publisher_confirms=False, frame_buffer_size=3 * self.prefetch_count + 10
         )
         publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.basic_qos(
-            prefetch_count=self.owner.prefetch_count, prefetch_size=options.prefetch_size
+            prefetch_count=self.prefetch_count, prefetch_size=options.prefetch_size
         )
         if options.after_connect is not None:
             await options.after_connect(channel)
@@ -195,7 +202,7 @@ class _Consumer:
         channel.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
         self._channel = channel
         self._acknowledger = ChannelAcknowledger(
-            channel, publisher, options, self.stats, self.owner.prefetch_count
+            channel, publisher, options, self.stats, self.prefetch_count
         )
         # Deliveries skip aiormq's task per message: the channel's reader hands them to
         # _deliver directly (the single biggest per-message cost of a Python consumer).
@@ -210,7 +217,7 @@ class _Consumer:
         )
         self._consumer_tag = ok.consumer_tag
         self.consuming.set()
-        self._log.info("consuming", prefetch_count=self.owner.prefetch_count)
+        self._log.info("consuming", prefetch_count=self.prefetch_count)
 
     async def _declare(self, channel: aiormq.abc.AbstractChannel) -> None:
         options = self.options

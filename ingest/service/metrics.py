@@ -144,11 +144,13 @@ class _PipelineCollector(Collector):
         for name, watched in self._watched.items():
             in_flight.add_metric([name], watched.pipeline.in_flight)
             connected.add_metric([name], 1.0 if watched.ready() else 0.0)
+            # A producer without stats (a file) still shows its (zero) acknowledgements.
             stats = watched.stats or ProducerStats()
             for action, value in stats.acknowledgements().items():
                 acks.add_metric([name, action], value)
-            for event, value in stats.events().items():
-                producer.add_metric([name, event], value)
+            if watched.stats is not None:
+                for event, value in stats.events().items():
+                    producer.add_metric([name, event], value)
         yield from (in_flight, connected, acks, producer)
 
 

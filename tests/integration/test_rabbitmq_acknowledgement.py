@@ -54,7 +54,7 @@ async def test_ack_removes_the_messages_from_the_queue(
     await eventually(lambda: _settled(producer, "ack", 50))
     await pipeline.stop()  # closes the channel: anything unacknowledged would come back
     assert await queue_depth(amqp, queue_name) == 0
-    assert producer.stats["multiple_ack_frames"] >= 1
+    assert producer.stats.multiple_ack_frames >= 1
 
 
 async def test_reject_dead_letters_with_the_reason_in_headers(
@@ -90,7 +90,7 @@ async def test_reject_without_a_dead_letter_queue_is_a_plain_reject(
     await eventually(lambda: _depth_is(amqp, graveyard, 1))
     [dead] = await drain_queue(amqp, graveyard)
     assert dead.header.properties.headers["x-death"][0]["reason"] == "rejected"
-    assert producer.stats["reject"] == 1
+    assert producer.stats.reject == 1
 
 
 async def test_reject_and_requeue_redelivers(
@@ -125,7 +125,7 @@ async def test_reject_and_requeue_once_requeues_then_dead_letters(
     await eventually(lambda: _depth_is(amqp, f"{queue_name}.dlq", 1))
     await eventually(lambda: _settled(producer, "dead_letter", 1))
     assert handlers.seen == [(b"fail-twice", False), (b"fail-twice", True)]
-    assert producer.stats["reject_and_requeue"] == 1
+    assert producer.stats.reject_and_requeue == 1
 
 
 async def test_exceptions_are_retried_with_delay_then_dead_lettered(
@@ -138,7 +138,7 @@ async def test_exceptions_are_retried_with_delay_then_dead_lettered(
     await publish(amqp, queue_name, b"raise-1")
     await eventually(lambda: _depth_is(amqp, f"{queue_name}.dlq", 1))
     assert [body for body, _ in handlers.seen] == [b"raise-1"] * 3
-    assert producer.stats["retry"] == 2
+    assert producer.stats.retry == 2
     [dead] = await drain_queue(amqp, f"{queue_name}.dlq")
     headers = dead.header.properties.headers
     assert headers[ATTEMPTS_HEADER] == 3
@@ -159,11 +159,11 @@ async def test_a_failure_on_purpose_is_not_retried(
     await publish(amqp, queue_name, b"fail-now")
     await eventually(lambda: _depth_is(amqp, f"{queue_name}.dlq", 1))
     assert len(handlers.seen) == 1
-    assert producer.stats["retry"] == 0
+    assert producer.stats.retry == 0
 
 
 async def _settled(producer: Any, action: str, count: int) -> bool:
-    return bool(producer.stats[action] >= count)
+    return bool(getattr(producer.stats, action) >= count)
 
 
 async def _depth_is(channel: aiormq.abc.AbstractChannel, queue: str, count: int) -> bool:

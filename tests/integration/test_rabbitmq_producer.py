@@ -106,8 +106,8 @@ async def test_connections_closed_by_the_broker_lose_nothing(
     await pipeline.stop()
     assert readiness == [False, False, True]
     assert await queue_depth(amqp, queue_name) == 0  # every message acked, on its own channel
-    assert producer.stats["connection_losses"] == 2
-    assert producer.stats["dropped_stale"] > 0  # the dead channels' in-flight acks
+    assert producer.stats.connection_losses == 2
+    assert producer.stats.dropped_stale > 0  # the dead channels' in-flight acks
     assert len(handlers.messages) > len(bodies)  # ... whose messages were redelivered
 
 
@@ -119,7 +119,7 @@ async def test_a_consumer_cancelled_by_the_broker_reconnects(
         handlers, backoff=Backoff("exp", min=0.1, max=0.2)
     )
     await amqp.queue_delete(queue_name)
-    await eventually(lambda: _true(producer.stats["connection_losses"] == 1))
+    await eventually(lambda: _true(producer.stats.connection_losses == 1))
     await eventually(lambda: _true(producer.ready))
     await publish(amqp, queue_name, b"after")
     await eventually(lambda: _true(handlers.bodies() == {b"after"}))
@@ -140,7 +140,7 @@ async def test_drain_cancels_the_consumer_and_acks_what_is_in_flight(
     taken = len(handlers.messages)
     # What was handled was acked (flushed from the open batch); the rest is back in the queue.
     assert await queue_depth(amqp, queue_name) == 100 - taken
-    assert producer.stats["ack"] == taken
+    assert producer.stats.ack == taken
     assert not producer.ready
 
 
@@ -192,3 +192,24 @@ async def test_concurrent_producers_share_the_queue_with_their_own_options(
     await eventually(lambda: _true(len(handlers.bodies()) == 200))
     await pipeline.stop()
     assert await queue_depth(amqp, queue_name) == 0
+
+
+async def test_a_per_producer_prefetch_count_is_that_consumers_qos(
+    make_rabbit_pipeline: MakeRabbitPipeline, broker: Broker, queue_name: str
+) -> None:
+    pipeline, _producer = await make_rabbit_pipeline(
+        Collect(), concurrency=2, prefetch_count=60, per_producer={1: {"prefetch_count": 5}}
+    )
+    prefetches: list[int] = []
+
+    async def both_listed() -> bool:
+        # The management API lists consumers within its stats interval (~5 s).
+        consumers = await broker.api_async("GET", "consumers/%2F")
+        prefetches[:] = sorted(
+            c["prefetch_count"] for c in consumers if c["queue"]["name"] == queue_name
+        )
+        return len(prefetches) == 2
+
+    await eventually(both_listed, timeout=15)
+    assert prefetches == [5, 60]
+    assert pipeline._producer_holds == 65

@@ -35,7 +35,7 @@ EVERY_SIMPLE_PROPERTY = spec.Basic.Properties(
     user_id="guest",
     app_id="tickets",
 )
-FRAMES = [
+FRAMES: list[tuple[int, Any]] = [
     (1, spec.Basic.Deliver("ctag", 7, True, "", "bookings_queue")),
     (1, ContentHeader(0, 8, spec.Basic.Properties(message_id="m-1", headers={"k": "v"}))),
     (1, ContentBody(b"cinema,1")),
@@ -68,11 +68,11 @@ def stream(data: bytes) -> asyncio.StreamReader:
     return reader
 
 
-async def read_all(read: object, data: bytes) -> list[tuple[int, int, object]]:
+async def read_all(read: Any, data: bytes) -> list[tuple[int, int, Any]]:
     receiver = FrameReceiver(stream(data))
     frames = []
     for _ in FRAMES:
-        frames.append(await read(receiver))  # type: ignore[operator]
+        frames.append(await read(receiver))
     return frames
 
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import random
-from collections import Counter
 from typing import Any
 
 import pytest
 
 from ingest import Batcher, Handlers, Message, Pipeline, Processors
-from ingest.rabbitmq import Backoff, RabbitMQOptions, RabbitMQProducer, RetryPolicy
+from ingest.rabbitmq import (
+    Backoff,
+    ProducerStats,
+    RabbitMQOptions,
+    RabbitMQProducer,
+    RetryPolicy,
+)
 from ingest.rabbitmq._backoff import reconnect_delay
 from ingest.rabbitmq.acknowledger import ChannelAcknowledger
 from ingest.rabbitmq.options import redact
@@ -47,6 +52,14 @@ def test_the_pipeline_intake_holds_everything_the_broker_may_send() -> None:
     producer = RabbitMQProducer(RabbitMQOptions(queue="q", prefetch_count=500, concurrency=2))
     pipeline = Pipeline("p", Routes(), producer, processors=Processors(concurrency=2))
     assert pipeline._producer_holds == 1000
+
+
+def test_a_per_producer_prefetch_count_counts_in_what_the_producer_holds() -> None:
+    options = RabbitMQOptions(
+        queue="q", prefetch_count=500, concurrency=3, per_producer={1: {"prefetch_count": 5}}
+    )
+    pipeline = Pipeline("p", Routes(), RabbitMQProducer(options))
+    assert pipeline._producer_holds == 500 + 5 + 500
 
 
 @pytest.mark.parametrize(
@@ -151,7 +164,7 @@ def test_retry_delays_repeat_the_last_one() -> None:
 def test_configure_ack_refuses_retry_on_success_and_retry_without_a_policy() -> None:
     def acknowledger(options: RabbitMQOptions) -> ChannelAcknowledger:
         # configure() only reads the options: no channel is needed to check them.
-        return ChannelAcknowledger(None, None, options, Counter(), 10)  # type: ignore[arg-type]
+        return ChannelAcknowledger(None, None, options, ProducerStats(), 10)  # type: ignore[arg-type]
 
     with pytest.raises(ValueError, match="on_success cannot be 'retry'"):
         acknowledger(RabbitMQOptions(queue="q", retry=RetryPolicy())).configure(
