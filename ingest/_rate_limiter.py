@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from ingest.options import RateLimiting
 
@@ -44,10 +45,8 @@ class RateLimiter:
                 granted = min(wanted, self._remaining)
                 self._remaining -= granted
                 return granted
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), self._window_ends - now)
-            except TimeoutError:
-                pass
 
     def release(self, unused: int) -> None:
         """Give back permits that were acquired but not used."""

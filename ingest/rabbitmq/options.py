@@ -49,6 +49,22 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _check_types(owner: object, prefix: str, types: tuple[tuple[str, Any, str], ...]) -> None:
+    """TypeError saying what to write instead, for the first field of `owner` that is not
+    of its type (a bool never passes for another type: `bool` is an `int` in Python)."""
+    for name, expected, what in types:
+        value = getattr(owner, name)
+        if not isinstance(value, expected) or (
+            isinstance(value, bool) and not isinstance(True, expected)
+        ):
+            raise TypeError(f"{prefix}{name} must be {what}, got {value!r}")
+        if isinstance(value, Mapping) and not all(isinstance(key, str) for key in value):
+            raise TypeError(f"{prefix}{name} must be {what}, with str keys; got {value!r}")
+
+
+_ARGUMENTS = "a mapping of str to values, e.g. {'x-queue-type': 'quorum'}"
+
+
 def _seconds(value: object) -> bool:
     return (
         isinstance(value, int | float)
@@ -94,6 +110,19 @@ class QueueDeclare:
     passive: bool = False
     arguments: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        _check_types(
+            self,
+            "QueueDeclare ",
+            (
+                ("durable", bool, "a bool"),
+                ("auto_delete", bool, "a bool"),
+                ("exclusive", bool, "a bool"),
+                ("passive", bool, "a bool"),
+                ("arguments", Mapping, _ARGUMENTS),
+            ),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Binding:
@@ -107,6 +136,15 @@ class Binding:
     arguments: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_types(
+            self,
+            "Binding ",
+            (
+                ("exchange", str, "an exchange name (str), e.g. Binding('amq.topic')"),
+                ("routing_key", str, "a str, e.g. routing_key='bookings.#'"),
+                ("arguments", Mapping, _ARGUMENTS),
+            ),
+        )
         _check(bool(self.exchange), "a binding needs an exchange name (not the default one)")
 
 
@@ -127,12 +165,15 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         _check(
-            isinstance(self.max_attempts, int) and self.max_attempts >= 1,
+            _int_between(self.max_attempts, 1, 2**31),
             f"retry max_attempts must be an int >= 1, got {self.max_attempts!r}",
+        )
+        _check_types(
+            self, "retry ", (("delays", tuple, "a tuple of seconds, e.g. delays=(1.0, 10.0)"),)
         )
         _check(
             bool(self.delays) and all(_seconds(d) and d > 0 for d in self.delays),
-            f"retry delays must be a non-empty list of seconds > 0, got {self.delays!r}",
+            f"retry delays must be a non-empty tuple of seconds > 0, got {self.delays!r}",
         )
 
     def delay(self, attempt: int) -> float:

@@ -10,7 +10,9 @@ import pytest
 from ingest import Batcher, Handlers, Message, Pipeline, Processors
 from ingest.rabbitmq import (
     Backoff,
+    Binding,
     ProducerStats,
+    QueueDeclare,
     RabbitMQOptions,
     RabbitMQProducer,
     RetryPolicy,
@@ -105,6 +107,149 @@ def test_a_per_producer_prefetch_count_counts_in_what_the_producer_holds() -> No
 def test_invalid_options_are_refused(options: dict[str, Any], error: str) -> None:
     with pytest.raises(ValueError, match=error):
         RabbitMQOptions(queue="q", **options)
+
+
+async def _hook(channel: Any) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        pytest.param({"queue": 123}, r"queue must be a queue name \(str\)", id="queue-int"),
+        pytest.param({"url": b"amqp://mq"}, "url must be an amqp:// URL", id="url-bytes"),
+        pytest.param({"host": None}, "host must be a host name", id="host-none"),
+        pytest.param({"username": 1}, "username must be a str", id="username-int"),
+        pytest.param({"password": None}, "password must be a str", id="password-none"),
+        pytest.param({"virtual_host": 1}, "virtual_host must be a str", id="vhost-int"),
+        pytest.param(
+            {"ssl_context": True}, r"ssl_context must be an ssl.SSLContext", id="ssl-bool"
+        ),
+        pytest.param({"connection_name": 7}, "connection_name must be a str", id="name-int"),
+        pytest.param(
+            {"prefetch_count": True}, "prefetch_count must be an int >= 1", id="prefetch-bool"
+        ),
+        pytest.param(
+            {"declare": {"durable": True}},
+            r"declare must be a QueueDeclare\(...\) or None",
+            id="declare-dict",
+        ),
+        pytest.param(
+            {"bindings": Binding("amq.topic")},
+            r"bindings must be a tuple of Binding",
+            id="bindings-one-binding",
+        ),
+        pytest.param(
+            {"bindings": [Binding("amq.topic")]},
+            r"bindings must be a tuple of Binding",
+            id="bindings-list",
+        ),
+        pytest.param(
+            {"bindings": (("amq.topic", "bookings.#"),)},
+            r"bindings\[0\] must be a Binding\(exchange, routing_key\)",
+            id="binding-tuple",
+        ),
+        pytest.param(
+            {"retry": {"max_attempts": 3}}, r"retry must be a RetryPolicy", id="retry-dict"
+        ),
+        pytest.param({"dead_letter_queue": 0}, "dead_letter_queue must be", id="dlq-int"),
+        pytest.param(
+            {"metadata": "headers"}, r"metadata must be a tuple of field names", id="metadata-str"
+        ),
+        pytest.param({"backoff": "exp"}, r"backoff must be a Backoff", id="backoff-str"),
+        pytest.param(
+            {"after_connect": "setup"}, "after_connect must be an async function", id="hook-str"
+        ),
+        pytest.param({"consumer_tag": 1}, "consumer_tag must be a str", id="consumer-tag-int"),
+        pytest.param(
+            {"consume_exclusive": "yes"}, "consume_exclusive must be a bool", id="exclusive-str"
+        ),
+        pytest.param(
+            {"consume_arguments": [("x-priority", 1)]},
+            "consume_arguments must be a mapping",
+            id="consume-arguments-list",
+        ),
+        pytest.param({"no_ack": "false"}, "no_ack must be a bool", id="no-ack-str"),
+        pytest.param(
+            {"concurrency": True}, "concurrency must be an int >= 1", id="concurrency-bool"
+        ),
+        pytest.param(
+            {"per_producer": [{}]}, "per_producer must be a mapping", id="per-producer-list"
+        ),
+        pytest.param(
+            {"per_producer": {0: "fast"}},
+            r"per_producer\[0\] must be a mapping of options",
+            id="per-producer-value-str",
+        ),
+        pytest.param(
+            {"per_producer": {0: {"prefetch_count": "5"}}},
+            r"per_producer\[0\]: prefetch_count must be an int >= 1",
+            id="per-producer-bad-prefetch",
+        ),
+        pytest.param(
+            {"per_producer": {0: {"concurrency": 2}}},
+            r"per_producer\[0\] cannot set concurrency",
+            id="per-producer-concurrency",
+        ),
+    ],
+)
+def test_options_of_the_wrong_type_are_refused_when_built(
+    options: dict[str, Any], error: str
+) -> None:
+    with pytest.raises((TypeError, ValueError), match=error):
+        RabbitMQOptions(**{"queue": "q", **options})
+
+
+@pytest.mark.parametrize(
+    ("build", "error"),
+    [
+        pytest.param(lambda: Binding(123), "Binding exchange must be", id="binding-exchange-int"),
+        pytest.param(
+            lambda: Binding("x", routing_key=None),
+            "Binding routing_key must be a str",
+            id="binding-routing-key-none",
+        ),
+        pytest.param(
+            lambda: Binding("x", arguments=[("a", 1)]),
+            "Binding arguments must be a mapping",
+            id="binding-arguments-list",
+        ),
+        pytest.param(
+            lambda: QueueDeclare(durable="yes"),
+            "QueueDeclare durable must be a bool",
+            id="declare-durable-str",
+        ),
+        pytest.param(
+            lambda: QueueDeclare(arguments=None),
+            "QueueDeclare arguments must be a mapping",
+            id="declare-arguments-none",
+        ),
+        pytest.param(
+            lambda: RetryPolicy(max_attempts="3"),
+            "retry max_attempts must be an int >= 1",
+            id="retry-attempts-str",
+        ),
+        pytest.param(
+            lambda: RetryPolicy(max_attempts=True),
+            "retry max_attempts must be an int >= 1",
+            id="retry-attempts-bool",
+        ),
+        pytest.param(
+            lambda: RetryPolicy(delays=[1.0, 5.0]),
+            r"retry delays must be a tuple of seconds",
+            id="retry-delays-list",
+        ),
+        pytest.param(
+            lambda: RetryPolicy(delays=5.0),
+            r"retry delays must be a tuple of seconds",
+            id="retry-delays-number",
+        ),
+        pytest.param(lambda: Backoff("exp", min="1"), "backoff min must be", id="backoff-min-str"),
+    ],
+)
+def test_option_values_of_the_wrong_type_are_refused_when_built(build: Any, error: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=error):
+        build()
 
 
 def test_backoff_and_retry_values_are_checked() -> None:

@@ -68,3 +68,18 @@ async def test_update_rate_limiting_without_rate_limiting_says_so(
     pipeline = await make_pipeline(Clock())
     with pytest.raises(RuntimeError, match="was built without rate_limiting"):
         pipeline.update_rate_limiting(allowed_messages=3)
+
+
+async def test_update_rate_limiting_starts_a_new_window_at_once(
+    make_pipeline: MakePipeline,
+) -> None:
+    # Broadway keeps the current window; ingest starts a fresh one with the new allowance
+    # (README, Options), even when nothing is waiting at the moment of the update.
+    handlers = Clock()
+    pipeline = await make_pipeline(
+        handlers, rate_limiting=RateLimiting(allowed_messages=1, interval=60)
+    )
+    await (await push_messages(pipeline, ["first"])).wait()
+    pipeline.update_rate_limiting(allowed_messages=3)
+    await (await push_messages(pipeline, range(3))).wait(timeout=2)
+    assert len(handlers.times) == 4

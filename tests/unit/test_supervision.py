@@ -14,6 +14,7 @@ from structlog.testing import capture_logs
 from ingest import Batcher, Event, Handlers, InMemoryProducer, Message, Pipeline, Sink
 from ingest.exceptions import PipelineFailed, StageCrashed
 from ingest.testing import push_messages, send_message
+from tests.support import eventually
 
 from .conftest import MakePipeline
 
@@ -43,9 +44,10 @@ class CrashOn(Handlers):
 
 
 async def wait_for_state(pipeline: Pipeline, state: str, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while pipeline.state != state:
-            await asyncio.sleep(0.01)
+    async def reached() -> bool:
+        return pipeline.state == state
+
+    await eventually(reached, timeout)
 
 
 @pytest.mark.parametrize("hook", ["handle_message", "handle_batch"])
@@ -145,7 +147,7 @@ class RefusingProducer(InMemoryProducer):
 
 async def test_a_producer_that_cannot_start_fails_the_start() -> None:
     pipeline = Pipeline("p", CrashOn(), RefusingProducer())
-    with pytest.raises(FileNotFoundError, match="input.csv"):
+    with pytest.raises(FileNotFoundError, match=r"input\.csv"):
         await pipeline.start()
     assert pipeline.state == "failed"
     await pipeline.stop()
