@@ -58,11 +58,12 @@ def _check_types(owner: object, prefix: str, types: tuple[tuple[str, Any, str], 
             isinstance(value, bool) and not isinstance(True, expected)
         ):
             raise TypeError(f"{prefix}{name} must be {what}, got {value!r}")
-        if isinstance(value, Mapping) and not all(isinstance(key, str) for key in value):
-            raise TypeError(f"{prefix}{name} must be {what}, with str keys; got {value!r}")
+        if what is _ARGUMENTS and not all(isinstance(key, str) for key in value):
+            raise TypeError(f"{prefix}{name} must be {what} (str keys), got {value!r}")
 
 
-_ARGUMENTS = "a mapping of str to values, e.g. {'x-queue-type': 'quorum'}"
+# What an AMQP arguments table must be; its keys are field names (checked too).
+_ARGUMENTS = "a mapping of str to values (an AMQP arguments table)"
 
 
 def _seconds(value: object) -> bool:
@@ -229,15 +230,15 @@ class RabbitMQOptions:
     per_producer: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_types()
         _check(bool(self.queue), "queue must be a non-empty queue name")
         if self.url is not None:
             scheme = URL(self.url).scheme
             _check(scheme in ("amqp", "amqps"), f"url must be amqp:// or amqps://, got {scheme!r}")
         _check(
-            self.prefetch_count is None
-            or (isinstance(self.prefetch_count, int) and self.prefetch_count >= 1),
+            self.prefetch_count is None or _int_between(self.prefetch_count, 1, 65535),
             f"prefetch_count must be an int >= 1 (without one RabbitMQ pushes the whole queue "
-            f"into memory), got {self.prefetch_count!r}",
+            f"into memory) and at most 65535 (AMQP's limit), got {self.prefetch_count!r}",
         )
         for name, value, low, high, optional in (
             ("port", self.port, 1, 65535, True),  # None: the scheme's default port
@@ -266,16 +267,48 @@ class RabbitMQOptions:
             not unknown, f"unknown metadata fields {unknown}; known: {', '.join(METADATA_FIELDS)}"
         )
         _check(
-            isinstance(self.concurrency, int) and self.concurrency >= 1,
+            _int_between(self.concurrency, 1, 1024),
             f"producer concurrency must be an int >= 1, got {self.concurrency!r}",
         )
         for index, overrides in self.per_producer.items():
-            _check(
-                isinstance(index, int) and 0 <= index < self.concurrency,
-                f"per_producer key {index!r} is not a producer index (0..{self.concurrency - 1})",
+            self._check_overrides(index, overrides)
+
+    def _check_types(self) -> None:
+        _check_types(self, "", _OPTION_TYPES)
+        if self.after_connect is not None and not callable(self.after_connect):
+            raise TypeError(
+                f"after_connect must be an async function taking the channel "
+                f"(async def hook(channel): ...) or None, got {self.after_connect!r}"
             )
-            bad = sorted(set(overrides) - set(self.__dataclass_fields__))
-            _check(not bad, f"per_producer[{index}] has unknown options {bad}")
+        for index, binding in enumerate(self.bindings):
+            if not isinstance(binding, Binding):
+                raise TypeError(
+                    f"bindings[{index}] must be a Binding(exchange, routing_key), e.g. "
+                    f"Binding('amq.topic', routing_key='bookings.#'); got {binding!r}"
+                )
+        for index, name in enumerate(self.metadata):
+            if not isinstance(name, str):
+                raise TypeError(f"metadata[{index}] must be a field name (str), got {name!r}")
+
+    def _check_overrides(self, index: object, overrides: object) -> None:
+        """One producer's overrides: a known index, known options, each valid."""
+        _check(
+            _int_between(index, 0, self.concurrency - 1),
+            f"per_producer key {index!r} is not a producer index (0..{self.concurrency - 1})",
+        )
+        if not isinstance(overrides, Mapping):
+            raise TypeError(
+                f"per_producer[{index}] must be a mapping of options, e.g. "
+                f"{{'prefetch_count': 100}}; got {overrides!r}"
+            )
+        bad = sorted(set(overrides) - set(self.__dataclass_fields__))
+        _check(not bad, f"per_producer[{index}] has unknown options {bad}")
+        shared = sorted(set(overrides) & {"concurrency", "per_producer"})
+        _check(not shared, f"per_producer[{index}] cannot set {', '.join(shared)}")
+        try:
+            replace(self, **overrides, per_producer={})
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"per_producer[{index}]: {error}") from error
 
     def failure_action(self, raised: bool) -> RabbitAckAction:
         """`on_failure`, or by default: `retry` for a message whose handler raised when there
@@ -307,6 +340,54 @@ class RabbitMQOptions:
         """These options with producer `index`'s overrides applied."""
         overrides = self.per_producer.get(index)
         return replace(self, **overrides, per_producer={}) if overrides else self
+
+
+# Each option's type and what to write instead; checked before any value is.
+_OPTION_TYPES: Final[tuple[tuple[str, Any, str], ...]] = (
+    ("queue", str, "a queue name (str)"),
+    ("url", str | None, "an amqp:// URL (str) or None"),
+    ("host", str, "a host name (str)"),
+    ("username", str, "a str"),
+    ("password", str, "a str"),
+    ("virtual_host", str, "a str, e.g. '/'"),
+    (
+        "ssl_context",
+        ssl.SSLContext | None,
+        "an ssl.SSLContext (e.g. ssl.create_default_context()) or None",
+    ),
+    ("connection_name", str | None, "a str or None"),
+    (
+        "declare",
+        QueueDeclare | None,
+        "a QueueDeclare(...) or None, e.g. declare=QueueDeclare(durable=True)",
+    ),
+    (
+        "bindings",
+        tuple,
+        "a tuple of Binding, e.g. bindings=(Binding('amq.topic', routing_key='bookings.#'),)",
+    ),
+    (
+        "retry",
+        RetryPolicy | None,
+        "a RetryPolicy(...) or None, e.g. retry=RetryPolicy(max_attempts=3, delays=(1.0, 10.0))",
+    ),
+    (
+        "dead_letter_queue",
+        str | None,
+        "a queue name (str), '' to turn dead-lettering off, or None for <queue>.dlq",
+    ),
+    ("metadata", tuple, "a tuple of field names, e.g. metadata=('message_id', 'headers')"),
+    ("backoff", Backoff, "a Backoff(...), e.g. backoff=Backoff('exp', min=1.0, max=30.0)"),
+    ("consumer_tag", str | None, "a str or None"),
+    ("consume_exclusive", bool, "a bool"),
+    ("consume_arguments", Mapping, _ARGUMENTS),
+    ("no_ack", bool, "a bool"),
+    (
+        "per_producer",
+        Mapping,
+        "a mapping of producer index to options, e.g. {1: {'prefetch_count': 100}}",
+    ),
+)
 
 
 def redact(url: str) -> str:

@@ -316,6 +316,12 @@ async def test_a_broker_down_at_start_up_is_waited_for_with_readiness_false(
     assert (await running.get_async("/healthz"))[0] == 200
     status, body = await running.get_async("/readyz")
     assert status == 503
-    assert json.loads(body) == {"ready": {"bookings": False, "notifications": False}}
+    assert json.loads(body) == {
+        "ready": {"bookings": False, "notifications": False},
+        "not_ready": {
+            "bookings": "not consuming: no broker connection",
+            "notifications": "not consuming: no broker connection",
+        },
+    }
     stop.set()
     await asyncio.wait_for(task, 30)
