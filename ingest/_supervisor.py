@@ -66,6 +66,7 @@ class Supervisor:
         started = asyncio.get_running_loop().create_future()
         self.state = "running"
         self._task = asyncio.create_task(self._supervise(started), name=self.pipeline.name)
+        self._task.add_done_callback(self._ended)
         try:
             await started
         except BaseException:
@@ -81,6 +82,20 @@ class Supervisor:
             await asyncio.gather(self._task, return_exceptions=True)
         if self.state != "failed":
             self.state = "stopped"
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """Supervision never ends silently: if the supervisor itself was cancelled or
+        raised (a bug here), the pipeline is failed and says so."""
+        error: BaseException | None
+        if task.cancelled():
+            error = asyncio.CancelledError("the supervisor was cancelled")
+        else:
+            error = task.exception()
+        if error is None or self.state == "failed":
+            return
+        self.state = "failed"
+        self.failure = error
+        self._log.error("pipeline supervisor ended", error=repr(error), exc_info=error)
 
     async def _drain(self) -> None:
         self.state = "stopping"
@@ -104,6 +119,10 @@ class Supervisor:
                 return  # drained by stop()
             except BaseExceptionGroup as group:
                 error = self._crash or _first(group)
+            except asyncio.CancelledError:
+                # Not how a pipeline stops (stop() drains it): hand back what it holds.
+                await close_within(self.pipeline.producer.close(), self._log, "producer close")
+                raise
             self.crashes += 1
             self.failure = error
             self._on_crash(error)

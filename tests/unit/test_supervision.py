@@ -189,3 +189,14 @@ async def test_messages_failed_in_prepare_messages_skip_handle_message(
 def test_sink_spawn_is_part_of_the_producer_contract() -> None:
     spawn: Sequence[str] = [name for name in dir(Sink) if not name.startswith("_")]
     assert "spawn" in spawn
+
+
+async def test_a_cancelled_supervisor_fails_the_pipeline_visibly(
+    make_pipeline: MakePipeline,
+) -> None:
+    pipeline = await make_pipeline(CrashOn())
+    task = next(t for t in asyncio.all_tasks() if t.get_name() == "test")
+    task.cancel()
+    await pipeline.wait()
+    assert pipeline.state == "failed"
+    assert "the supervisor was cancelled" in str(pipeline.failure)
