@@ -213,3 +213,26 @@ async def test_a_per_producer_prefetch_count_is_that_consumers_qos(
     await eventually(both_listed, timeout=15)
     assert prefetches == [5, 60]
     assert pipeline._producer_holds == 65
+
+
+async def test_with_no_ack_the_backlog_waits_in_the_broker_while_the_intake_is_full(
+    make_rabbit_pipeline: MakeRabbitPipeline, amqp: aiormq.abc.AbstractChannel, queue_name: str
+) -> None:
+    await amqp.queue_declare(queue_name, durable=True)
+    bodies = {b"n%d" % i for i in range(3000)}
+    await publish(amqp, queue_name, *bodies)
+    handlers = Collect(delay=0.001)
+    pipeline, producer = await make_rabbit_pipeline(handlers, no_ack=True, prefetch_count=50)
+    peak = 0
+    async with asyncio.timeout(40):
+        while len(handlers.messages) < len(bodies):
+            peak = max(peak, pipeline.in_flight)
+            await asyncio.sleep(0.005)
+    # The intake (50, the prefetch), the processor's demand (10), and one chunk of at most
+    # the prefetch being handed over: never the backlog.
+    assert peak <= 50 + 10 + 50
+    assert handlers.bodies() == bodies
+    assert len(handlers.messages) == len(bodies)
+    assert producer.stats.consume_pauses >= 1
+    await pipeline.stop()
+    assert await queue_depth(amqp, queue_name) == 0
