@@ -70,7 +70,7 @@ class Supervisor:
         try:
             await started
         except BaseException:
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait([self._task])
             raise
 
     async def stop(self) -> None:
@@ -79,7 +79,7 @@ class Supervisor:
         if self.state == "running":
             await self._drain()
         if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait([self._task])
         if self.state != "failed":
             self.state = "stopped"
 
@@ -106,9 +106,10 @@ class Supervisor:
         )
 
     async def wait(self) -> None:
-        """Return once supervision ended: stopped, or failed past the restart limit."""
+        """Return once supervision ended: stopped, or failed past the restart limit.
+        Cancelling a waiter leaves the supervisor running (`asyncio.wait`, not `gather`)."""
         if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait([self._task])
 
     async def _supervise(self, started: asyncio.Future[None]) -> None:
         loop = asyncio.get_running_loop()
