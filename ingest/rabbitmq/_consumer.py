@@ -359,7 +359,7 @@ class Consumer:
     async def close(self) -> None:
         self._draining = True
         if self._acknowledger is not None:
-            await self._acknowledger.flush()
+            await self._acknowledger.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

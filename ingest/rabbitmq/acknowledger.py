@@ -328,9 +328,28 @@ class ChannelAcknowledger:
 
     def _schedule_flush(self) -> None:
         self._flush_timer = None
+        # Owned here: close() awaits it, and a failure is logged, never lost.
         task = asyncio.get_running_loop().create_task(self.flush())
         self._flushing.add(task)
-        task.add_done_callback(self._flushing.discard)
+        task.add_done_callback(self._flushed)
+
+    def _flushed(self, task: asyncio.Task[None]) -> None:
+        self._flushing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error(
+                "sending delayed acks failed; the broker redelivers",
+                queue=self.options.queue,
+                exc_info=task.exception(),
+            )
+
+    async def close(self) -> None:
+        """Send the pending acks now and wait for flushes under way: nothing this
+        acknowledger started outlives it."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        await self.flush()
+        await asyncio.gather(*self._flushing, return_exceptions=True)
 
     async def flush(self) -> None:
         """Send every pending ack now."""
