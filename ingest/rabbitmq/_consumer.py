@@ -165,7 +165,13 @@ class Consumer:
         )
         # Deliveries skip aiormq's task per message: the channel's reader hands them to
         # _deliver directly (the single biggest per-message cost of a Python consumer).
-        direct = fastpath.deliver_directly(channel, self._deliver)
+        direct = fastpath.deliver_directly(
+            channel,
+            self._deliver,
+            queue=options.queue,
+            no_ack=options.no_ack,
+            settled_here=self._acknowledger.settled_elsewhere,
+        )
         self._on_consume = fastpath.ignore if direct else self._on_delivery
         self._paused = False
         await self._consume(channel)

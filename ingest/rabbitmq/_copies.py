@@ -69,9 +69,11 @@ def copy_properties(
     copied as it was (empty when the copy is exact).
 
     A header that cannot be encoded is made encodable (a long string that is not UTF-8
-    becomes a byte array, with the same bytes) or, failing that, left out; properties that
-    still cannot be encoded are left out too. Nothing here raises for what a message
-    carries: hostile input must end in the dead-letter queue, never in a requeue loop.
+    becomes a byte array, with the same bytes) or, failing that, left out; so is a header
+    whose name is not UTF-8, and a property that cannot be encoded (a message_id that is not
+    UTF-8: the fast path decodes such strings with surrogate escapes). Nothing here raises
+    for what a message carries: hostile input must end in the dead-letter queue, never in
+    a requeue loop.
     """
     properties = _properties(original, headers)
     try:
@@ -83,18 +85,49 @@ def copy_properties(
     problems: list[str] = []
     encodable: dict[str, Any] = {}
     for key, value in headers.items():
+        if not _is_utf8(key):
+            problems.append(f"header name {key!r} is not UTF-8; the header is left out")
+            continue
         copied, problem = _encodable(value)
         if problem is not None:
             problems.append(f"{key!r} {problem}")
         if copied is not _LEFT_OUT:
             encodable[key] = copied
     properties = _properties(original, encodable)
+    problems.extend(_leave_out_unencodable(properties))
     try:
         properties.marshal()
     except ENCODING_ERRORS as error:
         problems.append(f"the other properties could not be encoded ({error}) and are left out")
         properties = CopyProperties(headers=encodable, delivery_mode=2)
     return properties, problems
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _leave_out_unencodable(properties: CopyProperties) -> list[str]:
+    """Leave out (set to None) each property but the headers that cannot be encoded, and
+    say which: the copy must be publishable whatever the original carried."""
+    problems = []
+    for name in properties.__slots__:
+        value = getattr(properties, name)
+        if name == "headers" or value is None:
+            continue
+        try:
+            properties.encode_property(name, value)
+        except ENCODING_ERRORS as error:
+            setattr(properties, name, None)
+            if isinstance(value, str) and not _is_utf8(value):
+                problems.append(f"{name} {value!r} is not UTF-8; left out of the copy")
+            else:
+                problems.append(f"{name} {value!r} is left out of the copy ({error})")
+    return problems
 
 
 def _encodable(value: Any) -> tuple[Any, str | None]:

@@ -7,19 +7,24 @@ import functools
 import importlib.metadata
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from types import MethodType
-from typing import Any
+from typing import Any, TypeGuard
 
 import aiormq
 import pamqp.frame
 import structlog
-from aiormq.abc import DeliveredMessage, URLorStr
+from aiormq.abc import ChannelFrame, DeliveredMessage, URLorStr
 from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
-from pamqp.exceptions import PAMQPException
-from pamqp.header import ContentHeader
+
+from ingest.rabbitmq import _decoding
+from ingest.rabbitmq._decoding import DELIVER as _DELIVER
+from ingest.rabbitmq._decoding import UndecodableHeader
+from ingest.rabbitmq._decoding import content_header as _content_header
+from ingest.rabbitmq._decoding import deliver as _deliver
 
 logger = structlog.get_logger("ingest.rabbitmq")
 
@@ -39,7 +44,26 @@ _INTERNALS = (
     ("Channel", "_read_content"),
     ("Channel", "_on_deliver_frame"),
 )
+# Instance attributes of an open channel used here (aiormq sets them in `Channel.__init__`).
+_CHANNEL_ATTRIBUTES = (("consumers", dict), ("write_queue", asyncio.Queue))
+_CONNECTION_OF = "ingest_connection"  # set on the FrameReceiver by `install`
 _reported: set[str] = set()
+
+
+@dataclass(slots=True)
+class Counts:
+    """What the fast path did that plain aiormq would not, for every connection of the
+    process: `fastpath.counts.undecodable_rejected`."""
+
+    # Frames whose short strings are not UTF-8 (pamqp refuses them), decoded anyway.
+    leniently_decoded: int = 0
+    # Deliveries whose content header nothing could decode, rejected without requeue.
+    undecodable_rejected: int = 0
+    # Deliveries for a consumer tag the channel does not know, dropped as aiormq drops them.
+    unknown_consumer: int = 0
+
+
+counts = Counts()
 
 
 @functools.cache
@@ -60,8 +84,8 @@ def _problem() -> str | None:
         if found[: len(series)] != series:
             expected = ".".join(map(str, series))
             return f"{distribution} {version} is installed; it was written for {expected}.x"
-    if _LAYOUT_PROBLEM is not None:
-        return f"pamqp's Basic class has changed: {_LAYOUT_PROBLEM}"
+    if _decoding.LAYOUT_PROBLEM is not None:
+        return f"pamqp's Basic class has changed: {_decoding.LAYOUT_PROBLEM}"
     for path, attribute in _INTERNALS:
         owner: Any = aiormq
         for name in path.split("."):
@@ -108,6 +132,8 @@ def install(connection: aiormq.Connection) -> bool:
     async def reader(receiver: Any) -> None:
         if hasattr(receiver, "reader") and hasattr(receiver, "started"):
             receiver.get_frame = MethodType(get_frame, receiver)
+            # For a frame nothing can decode: is its channel one of `deliver_directly`'s?
+            setattr(receiver, _CONNECTION_OF, connection)
         else:
             _refuse("aiormq's FrameReceiver has no reader or started attribute")
         await plain_reader(receiver)
@@ -120,24 +146,119 @@ async def ignore(raw: DeliveredMessage) -> None:
     """The consumer callback aiormq is given when `deliver_directly` bypasses it."""
 
 
+def _channel_usable(channel: object) -> TypeGuard[aiormq.Channel]:
+    if not isinstance(channel, aiormq.Channel) or not usable():
+        return False
+    for name, kind in _CHANNEL_ATTRIBUTES:
+        if not isinstance(getattr(channel, name, None), kind):
+            _refuse(f"aiormq's Channel has no {name} {kind.__name__}")
+            return False
+    return True
+
+
 def deliver_directly(
-    channel: aiormq.abc.AbstractChannel, deliver: Callable[[DeliveredMessage], None]
+    channel: aiormq.abc.AbstractChannel,
+    deliver: Callable[[DeliveredMessage], None],
+    *,
+    queue: str | None = None,
+    no_ack: bool = False,
+    settled_here: Callable[[int], None] | None = None,
 ) -> bool:
     """Make `channel` hand each delivery to `deliver` from its frame reader, instead of
     starting a task per delivery (the single largest per-message cost of a Python
     consumer). False, and the channel left as it is, when not `usable()`: the caller then
-    gives `basic_consume` its ordinary callback."""
-    if not isinstance(channel, aiormq.Channel) or not usable():
+    gives `basic_consume` its ordinary callback.
+
+    As aiormq does, a delivery for a consumer tag the channel does not know is dropped. A
+    delivery whose properties nothing can decode (see `get_frame`) is not handed over: it
+    is rejected without requeue (unless `no_ack`), so that the queue's dead-letter exchange,
+    if any, receives it as it was, logged with `queue`, its delivery tag and why, and its
+    tag given to `settled_here`: an acknowledger that coalesces acks up to a low-water mark
+    must count it as settled, or the mark stops below it for the rest of the channel."""
+    if not _channel_usable(channel):
         return False
     read_header = getattr(channel, _CONTENT_HEADER_READER)
     read_content = channel._read_content
+    consumers = channel.consumers
 
     async def on_deliver_frame(frame: Basic.Deliver) -> None:
         header = await read_header()
-        deliver(await read_content(frame, header))
+        message = await read_content(frame, header)
+        if frame.consumer_tag not in consumers:
+            counts.unknown_consumer += 1
+            logger.debug(
+                "dropping a delivery for a consumer the channel does not know",
+                channel=channel.number,
+                consumer_tag=_loggable(frame.consumer_tag),
+                delivery_tag=frame.delivery_tag,
+            )
+        elif header.__class__ is UndecodableHeader:
+            await _reject_undecodable(channel, frame, header, queue, no_ack)
+            if settled_here is not None and frame.delivery_tag is not None:
+                settled_here(frame.delivery_tag)
+        else:
+            deliver(message)
 
     setattr(channel, "_on_deliver_frame", on_deliver_frame)  # noqa: B010
     return True
+
+
+async def _reject_undecodable(
+    channel: aiormq.abc.AbstractChannel,
+    frame: Basic.Deliver,
+    header: UndecodableHeader,
+    queue: str | None,
+    no_ack: bool,
+) -> None:
+    # Requeued, or left unacknowledged until the channel closes, it would come back and
+    # fail the same way, forever; nothing of it can reach the pipeline.
+    counts.undecodable_rejected += 1
+    logger.error(
+        "could not decode a delivery's properties; "
+        + (
+            "dropped (no_ack: the broker has already forgotten it)"
+            if no_ack
+            else "rejected without requeue (the queue's dead-letter exchange, if any, "
+            "receives it as it was)"
+        ),
+        queue=queue,
+        delivery_tag=frame.delivery_tag,
+        consumer_tag=_loggable(frame.consumer_tag),
+        exchange=_loggable(frame.exchange),
+        routing_key=_loggable(frame.routing_key),
+        redelivered=frame.redelivered,
+        error=header.error,
+    )
+    if not no_ack:
+        assert frame.delivery_tag is not None
+        await write_frames(channel, reject(channel.number, frame.delivery_tag, requeue=False))
+
+
+def _loggable(text: str | None) -> str | None:
+    # Surrogate escapes (see `_salvage`) as `\udcff`: a logger printing to a strict UTF-8
+    # stream would raise, and in the channel's reader that would drop the channel.
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode()
+
+
+def write_frames(channel: aiormq.abc.AbstractChannel, payload: bytes) -> Awaitable[None]:
+    """Send frames packed by `ack`, `reject` and `nack`: queued for the connection's writer
+    as one write when `usable()`; else each sent by aiormq's own `basic_ack`,
+    `basic_reject` or `basic_nack`, in order."""
+    if _channel_usable(channel):
+        return channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
+    return _settle_publicly(channel, payload)
+
+
+async def _settle_publicly(channel: aiormq.abc.AbstractChannel, payload: bytes) -> None:
+    for *_, method, tag, flags, _end in _ACK_FRAME.iter_unpack(payload):
+        if method == _ACK:
+            await channel.basic_ack(tag, multiple=bool(flags))
+        elif method == _REJECT:
+            await channel.basic_reject(tag, requeue=bool(flags))
+        elif method == _NACK:
+            await channel.basic_nack(tag, multiple=bool(flags & 1), requeue=bool(flags & 2))
+        else:
+            raise ValueError(f"not a frame packed by ack, reject or nack: method {method}")
 
 
 # The reader. aiormq's `FrameReceiver.get_frame` reads each frame in three `readexactly`
@@ -146,41 +267,12 @@ def deliver_directly(
 # consumer. This one returns exactly what aiormq's does (bytes consumed, channel, pamqp
 # frame) and raises the same exceptions. A delivery's three frames skip pamqp's generic
 # decoder (a header with a headers table or a timestamp still goes through it); everything
-# else, and anything malformed, is pamqp's.
+# else, and anything malformed, is pamqp's. Where pamqp refuses a frame that plain aiormq
+# would die on (the connection drops, the broker redelivers, forever), `_salvage` decodes
+# what it can instead.
 
 _HEADER = struct.Struct(">BHI")
 _METHOD, _CONTENT_HEADER, _BODY, _FRAME_END = 1, 2, 3, 0xCE
-_LONGLONG = struct.Struct(">Q")
-_HEADER_FIELDS = struct.Struct(">HHQH")  # class id, weight, body size, property flags
-_Property = tuple[str, int, bool, Any]
-
-
-def _layout() -> tuple[bytes, int, tuple[_Property, ...]]:
-    """What the decoders need from pamqp's Basic class: the basic.deliver method index, the
-    property flags only pamqp decodes, and every property in wire order with its flag,
-    whether it is an octet (else a short string) and its value when absent."""
-    flags = Basic.Properties.flags
-    kinds = {name: getattr(Basic.Properties, f"_{name}") for name in Basic.Properties.__slots__}
-    simple = {kind for name, kind in kinds.items() if name not in ("headers", "timestamp")}
-    if kinds["headers"] != "table" or kinds["timestamp"] != "timestamp":
-        raise ValueError(f"headers or timestamp changed type: {kinds}")
-    if not simple <= {"octet", "shortstr"}:
-        raise ValueError(f"a property of a type decoded only by pamqp: {kinds}")
-    absent = Basic.Properties()
-    properties = tuple(
-        (name, flags[name], kind == "octet", getattr(absent, name)) for name, kind in kinds.items()
-    )
-    # 1: a second property flag word follows.
-    only_pamqp = flags["headers"] | flags["timestamp"] | 1
-    return struct.pack(">I", Basic.Deliver.index), only_pamqp, properties
-
-
-try:
-    _DELIVER, _PAMQP_ONLY, _PROPERTIES = _layout()
-    _LAYOUT_PROBLEM: str | None = None
-except Exception as error:  # whatever moved, refuse the fast path; never fail the import
-    _DELIVER, _PAMQP_ONLY, _PROPERTIES = b"", 0, ()
-    _LAYOUT_PROBLEM = repr(error)
 
 
 async def get_frame(receiver: Any) -> tuple[int, int, Any]:
@@ -220,58 +312,49 @@ async def get_frame(receiver: Any) -> tuple[int, int, Any]:
             pass  # pamqp below decodes it again and says what is wrong
     try:
         return pamqp.frame.unmarshal(header + rest)
-    except PAMQPException as error:
+    except Exception as error:  # not only PAMQPException: RecursionError, for one
+        return _salvage(receiver, frame_type, channel, rest, error)
+
+
+# What pamqp refuses to decode: plain aiormq's reader would die on it, the connection drop
+# and the broker deliver the same message again, forever (see `_decoding`).
+
+
+def _salvage(
+    receiver: Any, frame_type: int, channel: int, rest: bytes, error: BaseException
+) -> tuple[int, int, Any]:
+    """The frame pamqp could not decode (`rest` with its frame-end octet), decoded
+    leniently; an `UndecodableHeader` for a content header on a channel of
+    `deliver_directly`; else InvalidFrameError, as aiormq's reader raises."""
+    if rest[-1] != _FRAME_END:  # the stream is out of step: only a new connection helps
         raise InvalidFrameError(str(error)) from error
+    frame: Any = None
+    try:
+        if frame_type == _METHOD:
+            frame = _decoding.decode_method(rest[:-1])
+        elif frame_type == _CONTENT_HEADER:
+            frame = _decoding.decode_content_header(rest[:-1])
+    except Exception:  # whatever hostile bytes make a decoder raise: undecodable
+        frame = None
+    if frame is not None:
+        counts.leniently_decoded += 1
+        logger.warning(
+            "decoded a frame whose strings are not UTF-8 with surrogate escapes",
+            channel=channel,
+            frame=frame.name,
+            error=str(error),
+        )
+        return len(rest) + 7, channel, frame
+    if frame_type == _CONTENT_HEADER and len(rest) > 12 and _delivers_directly(receiver, channel):
+        return len(rest) + 7, channel, UndecodableHeader(rest, error)
+    raise InvalidFrameError(str(error)) from error
 
 
-def _deliver(payload: bytes) -> Basic.Deliver:
-    """A `basic.deliver` method frame (with its frame-end octet), as pamqp would decode
-    it, without its generic decoder and argument validation: the server sent it."""
-    offset = 5 + payload[4]
-    consumer_tag = payload[5:offset].decode()
-    (delivery_tag,) = _LONGLONG.unpack_from(payload, offset)
-    redelivered = bool(payload[offset + 8] & 1)
-    offset += 9
-    end = offset + 1 + payload[offset]
-    exchange = payload[offset + 1 : end].decode()
-    routing_key = payload[end + 1 : end + 1 + payload[end]].decode()
-    if end + 1 + payload[end] != len(payload) - 1:
-        raise ValueError("basic.deliver has trailing or missing bytes")
-    deliver = Basic.Deliver.__new__(Basic.Deliver)
-    deliver.consumer_tag = consumer_tag
-    deliver.delivery_tag = delivery_tag
-    deliver.redelivered = redelivered
-    deliver.exchange = exchange
-    deliver.routing_key = routing_key
-    return deliver
-
-
-def _content_header(payload: bytes) -> ContentHeader | None:
-    """A content header frame (with its frame-end octet), as pamqp would decode it; None
-    when it holds what only pamqp decodes (headers, a timestamp, more property flags)."""
-    class_id, weight, body_size, flags = _HEADER_FIELDS.unpack_from(payload)
-    if flags & _PAMQP_ONLY:
-        return None
-    properties = Basic.Properties.__new__(Basic.Properties)
-    offset = _HEADER_FIELDS.size
-    for name, flag, is_octet, absent in _PROPERTIES:
-        if not flags & flag:
-            setattr(properties, name, absent)
-        elif is_octet:
-            setattr(properties, name, payload[offset])
-            offset += 1
-        else:
-            end = offset + 1 + payload[offset]
-            setattr(properties, name, payload[offset + 1 : end].decode())
-            offset = end
-    if offset != len(payload) - 1:
-        raise ValueError("content header has trailing or missing bytes")
-    content_header = ContentHeader.__new__(ContentHeader)
-    content_header.class_id = class_id
-    content_header.weight = weight
-    content_header.body_size = body_size
-    content_header.properties = properties
-    return content_header
+def _delivers_directly(receiver: Any, number: int) -> bool:
+    # Through aiormq's table of the connection's channels; one gone is a plain "no".
+    connection = getattr(receiver, _CONNECTION_OF, None)
+    channel = getattr(connection, "channels", {}).get(number)
+    return "_on_deliver_frame" in getattr(channel, "__dict__", ())
 
 
 # Acknowledgement frames, packed by hand so that many go in one write and none is built

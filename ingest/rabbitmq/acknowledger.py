@@ -9,7 +9,7 @@ from typing import Any
 
 import aiormq
 import structlog
-from aiormq.abc import ChannelFrame, DeliveredMessage
+from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
 from ingest.acknowledger import validate_ack_options
@@ -230,7 +230,10 @@ class ChannelAcknowledger:
         headers = dict(original.headers or {})
         status = message.status
         reason = status.reason if isinstance(status, Failed) else "acknowledged as failed"
-        headers[REASON_HEADER] = reason[:1000]
+        # A reason may quote what arrived (a message_id that is not UTF-8): escaped, so
+        # that the copy can always carry it.
+        reason = reason[:1000].encode("utf-8", "backslashreplace").decode()
+        headers[REASON_HEADER] = reason
         if isinstance(status, Failed) and status.exception is not None:
             headers[EXCEPTION_HEADER] = type(status.exception).__qualname__
         headers[ATTEMPTS_HEADER] = delivery.attempts + 1
@@ -256,7 +259,7 @@ class ChannelAcknowledger:
         assert properties.headers is not None
         instead = " (dead-lettered instead of retried)" if kind == "retry" else ""
         properties.headers[REASON_HEADER] = (
-            f"{reason[:500]}; its headers could not be copied as they were{instead}: "
+            f"{reason[:500]}; it could not be copied as it was{instead}: "
             f"{'; '.join(problems)}"
         )[:1000]
         return message, dlq, "dead_letter", properties
@@ -322,9 +325,8 @@ class ChannelAcknowledger:
             pending.clear()
 
     async def _write(self, payload: list[bytes]) -> None:
-        await self.channel.write_queue.put(  # type: ignore[attr-defined]
-            ChannelFrame(payload=b"".join(payload), should_close=False)
-        )
+        # One write through the fast path; aiormq's public calls, one each, without it.
+        await frames.write_frames(self.channel, b"".join(payload))
 
     def _schedule_flush(self) -> None:
         self._flush_timer = None
@@ -363,6 +365,13 @@ class ChannelAcknowledger:
             payload: list[bytes] = []
             self._write_pending(payload, everything=True)
             await self._write(payload)
+
+    def settled_elsewhere(self, tag: int) -> None:
+        """A delivery of this channel was settled without this acknowledger (the fast path
+        rejected one it could not decode): counted as settled, so that the low-water mark
+        of the coalesced acks passes it."""
+        self._settled_above.add(tag)
+        self.stats.reject += 1
 
     def _drop(self, count: int) -> None:
         self.stats.dropped_stale += count

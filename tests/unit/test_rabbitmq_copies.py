@@ -82,3 +82,46 @@ def test_a_header_that_cannot_be_encoded_at_all_is_left_out_and_said() -> None:
     assert properties.message_id == "m-1"
     assert len(problems) == 1
     assert problems[0].startswith("'amount' is left out (")
+
+
+# Strings the fast path decoded with surrogate escapes (they were not UTF-8): a copy cannot
+# carry them, so each is left out and named, and the rest of the copy is exact.
+
+
+def test_a_header_name_that_is_not_utf8_is_left_out_and_said() -> None:
+    headers = {"x-\udcff": "v", "kept": "ok"}
+    original = spec.Basic.Properties(message_id="m-1", content_type="text/csv")
+    properties, problems = copy_properties(original, headers)
+    assert _through_the_wire(properties) == {"kept": "ok"}
+    assert (properties.message_id, properties.content_type) == ("m-1", "text/csv")
+    assert problems == ["header name 'x-\\udcff' is not UTF-8; the header is left out"]
+
+
+def test_a_message_id_that_is_not_utf8_is_left_out_and_said() -> None:
+    original = spec.Basic.Properties(
+        message_id="\udcffm-1", correlation_id="c-\udc80", content_type="text/csv", app_id="a"
+    )
+    properties, problems = copy_properties(original, {"kept": "ok"})
+    assert _through_the_wire(properties) == {"kept": "ok"}
+    assert (properties.message_id, properties.correlation_id) == (None, None)
+    assert (properties.content_type, properties.app_id) == ("text/csv", "a")
+    assert problems == [
+        "correlation_id 'c-\\udc80' is not UTF-8; left out of the copy",
+        "message_id '\\udcffm-1' is not UTF-8; left out of the copy",
+    ]
+
+
+def test_a_nested_header_name_that_is_not_utf8_leaves_its_header_out_and_said() -> None:
+    headers = {"order": {"x-\udcff": 1}, "kept": "ok"}
+    properties, problems = copy_properties(spec.Basic.Properties(), headers)
+    assert _through_the_wire(properties) == {"kept": "ok"}
+    assert len(problems) == 1
+    assert problems[0].startswith("'order' is left out (")
+
+
+def test_the_problems_are_printable_and_encodable_as_a_header() -> None:
+    original = spec.Basic.Properties(message_id="\udcff")
+    properties, problems = copy_properties(original, {"\udcfe": 1})
+    reason = "; ".join(problems)
+    properties.headers = {"x-ingest-reason": reason}
+    assert _through_the_wire(properties) == {"x-ingest-reason": reason}
