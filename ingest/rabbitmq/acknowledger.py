@@ -259,8 +259,7 @@ class ChannelAcknowledger:
         assert properties.headers is not None
         instead = " (dead-lettered instead of retried)" if kind == "retry" else ""
         properties.headers[REASON_HEADER] = (
-            f"{reason[:500]}; it could not be copied as it was{instead}: "
-            f"{'; '.join(problems)}"
+            f"{reason[:500]}; it could not be copied as it was{instead}: {'; '.join(problems)}"
         )[:1000]
         return message, dlq, "dead_letter", properties
 
