@@ -1,6 +1,7 @@
 """The RabbitMQ connector: producer, acknowledgement, retries, dead letters, publisher."""
 
 from ingest.exceptions import PublishError, Unroutable
+from ingest.rabbitmq._fastpath import frame_events
 from ingest.rabbitmq.acknowledger import (
     ATTEMPTS_HEADER,
     EXCEPTION_HEADER,
@@ -41,5 +42,6 @@ __all__ = [
     "RabbitMQProducer",
     "RetryPolicy",
     "Unroutable",
+    "frame_events",
     "retry_queue_name",
 ]

@@ -66,6 +66,15 @@ class Counts:
 counts = Counts()
 
 
+def frame_events() -> dict[str, int]:
+    """The fast path's counters by name, for /metrics (`ingest_frame_events_total`)."""
+    return {
+        "leniently_decoded": counts.leniently_decoded,
+        "undecodable_rejected": counts.undecodable_rejected,
+        "unknown_consumer": counts.unknown_consumer,
+    }
+
+
 @functools.cache
 def _version(distribution: str) -> str:
     """The installed version of `distribution`, read once (tests replace this function)."""

@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 
 from ingest.events import Event, EventKind
 from ingest.pipeline import Pipeline, State
+from ingest.rabbitmq import frame_events
 from ingest.rabbitmq.stats import ProducerStats
 
 # The *_created samples only clutter the text format here.
@@ -87,6 +88,7 @@ class Metrics:
         self._watched: dict[str, Watched] = {}
         r.register(_PipelineCollector(self._watched))
         r.register(_SupervisionCollector(self._watched))
+        r.register(_FrameCollector())
 
     def watch(
         self,
@@ -180,3 +182,19 @@ class _SupervisionCollector(Collector):
             for state in self.STATES:
                 states.add_metric([name, state], 1.0 if pipeline.state == state else 0.0)
         yield from (restarts, states)
+
+
+class _FrameCollector(Collector):
+    """The RabbitMQ fast path's counters, process-wide: deliveries whose strings were not
+    UTF-8 (decoded leniently), whose headers nothing could decode (rejected), or for a
+    consumer the channel does not know (dropped)."""
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "ingest_frame_events",
+            "RabbitMQ frames: leniently_decoded, undecodable_rejected, unknown_consumer",
+            labels=["event"],
+        )
+        for event, value in frame_events().items():
+            family.add_metric([event], value)
+        yield family
