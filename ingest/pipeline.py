@@ -101,7 +101,7 @@ class Pipeline:
             self._producer_holds = producer.bind(self._shape)
         self._rate_limiter = RateLimiter(rate_limiting) if rate_limiting else None
         self._supervisor = Supervisor(self)
-        self._stopping: asyncio.Task[Any] | None = None
+        self._stop_called = False
         self._stopped = asyncio.Event()
 
     @property
@@ -195,16 +195,12 @@ class Pipeline:
         await self._supervisor.start()
 
     async def stop(self) -> None:
-        """Drain and stop: see `ingest._terminator.shut_down`. Safe to call more than once;
-        a pipeline that failed stays `failed`."""
-        if self.state == "new":
-            self._supervisor.state = "stopped"
-        if self.state in ("stopped", "failed") and self._stopped.is_set():
-            return
-        if self._stopping is not None:
+        """Drain and stop: see `ingest._terminator.shut_down`. Safe to call more than once
+        (later calls wait for the first); a pipeline that failed stays `failed`."""
+        if self._stop_called:
             await self._stopped.wait()
             return
-        self._stopping = asyncio.current_task()
+        self._stop_called = True
         try:
             await self._supervisor.stop()
         finally:
