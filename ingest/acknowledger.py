@@ -59,15 +59,17 @@ def group_by_acknowledger(
 ) -> list[tuple[Acknowledger, list[Message], list[Message]]]:
     """Split messages by acknowledger, keeping their order inside each group. Grouped by
     identity, so an acknowledger need not be hashable (a plain `@dataclass` is not)."""
-    groups: dict[int, tuple[Acknowledger, list[Message], list[Message]]] = {}
-    for message in successful:
-        group = groups.get(id(message.acknowledger))
-        if group is None:
-            group = groups[id(message.acknowledger)] = (message.acknowledger, [], [])
-        group[1].append(message)
-    for message in failed:
-        group = groups.get(id(message.acknowledger))
-        if group is None:
-            group = groups[id(message.acknowledger)] = (message.acknowledger, [], [])
-        group[2].append(message)
-    return list(groups.values())
+    groups: dict[int, tuple[Acknowledger, tuple[list[Message], list[Message]]]] = {}
+    for side, messages in ((0, successful), (1, failed)):
+        # Runs of one acknowledger are the rule (a channel delivers many): no lookup for them.
+        last: Acknowledger | None = None
+        into: list[Message] = []
+        for message in messages:
+            acknowledger = message.acknowledger
+            if acknowledger is not last:
+                group = groups.get(id(acknowledger))
+                if group is None:
+                    group = groups[id(acknowledger)] = (acknowledger, ([], []))
+                last, into = acknowledger, group[1][side]
+            into.append(message)
+    return [(acknowledger, ok, bad) for acknowledger, (ok, bad) in groups.values()]

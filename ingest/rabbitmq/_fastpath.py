@@ -253,9 +253,20 @@ def write_frames(channel: aiormq.abc.AbstractChannel, payload: bytes) -> Awaitab
     """Send frames packed by `ack`, `reject` and `nack`: queued for the connection's writer
     as one write when `usable()`; else each sent by aiormq's own `basic_ack`,
     `basic_reject` or `basic_nack`, in order."""
+    return frame_writer(channel)(payload)
+
+
+def frame_writer(channel: aiormq.abc.AbstractChannel) -> Callable[[bytes], Awaitable[None]]:
+    """`write_frames` for one channel, with the `usable()` check made once (an
+    acknowledger writes many times)."""
     if _channel_usable(channel):
-        return channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
-    return _settle_publicly(channel, payload)
+        queue = channel.write_queue
+
+        def write(payload: bytes) -> Awaitable[None]:
+            return queue.put(ChannelFrame(payload=payload, should_close=False))
+
+        return write
+    return functools.partial(_settle_publicly, channel)
 
 
 async def _settle_publicly(channel: aiormq.abc.AbstractChannel, payload: bytes) -> None:

@@ -94,6 +94,7 @@ class ChannelAcknowledger:
         prefetch_count: int,
     ) -> None:
         self.channel = channel
+        self._write_frames = frames.frame_writer(channel)
         self.publisher = publisher
         self.options = options
         self.stats = stats
@@ -325,7 +326,7 @@ class ChannelAcknowledger:
 
     async def _write(self, payload: list[bytes]) -> None:
         # One write through the fast path; aiormq's public calls, one each, without it.
-        await frames.write_frames(self.channel, b"".join(payload))
+        await self._write_frames(b"".join(payload))
 
     def _schedule_flush(self) -> None:
         self._flush_timer = None
