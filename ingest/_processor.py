@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
-from typing import Any, cast
+from typing import cast
 
 from ingest._buffer import Buffer
+from ingest._deadline import Deadline
 from ingest._runtime import Runtime, describe_return, reraise_own_cancellation
 from ingest.events import Event
-from ingest.exceptions import HandlerTimeout
 from ingest.message import OK, Failed, Message, fail_with_exception
 
 PROCESSOR_KEY = "default"
@@ -45,6 +44,8 @@ async def process_chunk(rt: Runtime, name: str, chunk: list[Message]) -> None:
     done: list[Message] = []
     failed: list[Message] = []
     routed: dict[str, list[Message]] = {}
+    # handle_message's seconds per message, for the metrics (observed per chunk).
+    durations: list[float] | None = [] if events else None
     try:
         # A copy: a hook that filters the list in place cannot make messages vanish.
         prepared = await rt.handlers.prepare_messages(list(chunk), rt.context)
@@ -70,7 +71,7 @@ async def process_chunk(rt: Runtime, name: str, chunk: list[Message]) -> None:
                 Event("processor.exception", rt.pipeline, name, "processor", chunk, exception=exc)
             )
     else:
-        await _handle_messages(rt, prepared, done, failed, routed)
+        await _handle_messages(rt, prepared, done, failed, routed, durations)
 
     for batcher, messages in routed.items():
         await rt.batcher_inboxes[batcher].put_many(messages)
@@ -87,6 +88,7 @@ async def process_chunk(rt: Runtime, name: str, chunk: list[Message]) -> None:
                 duration=time.perf_counter() - started,
                 successful=len(chunk) - len(failed),
                 failed=len(failed),
+                durations=durations or (),
             )
         )
 
@@ -97,69 +99,86 @@ async def _handle_messages(
     done: list[Message],
     failed: list[Message],
     routed: dict[str, list[Message]],
+    durations: list[float] | None,
 ) -> None:
     """Run handle_message on each message, in order, sorting them into done (no batchers),
-    failed, or routed per batcher."""
-    handle_message = rt.handlers.handle_message
-    context = rt.context
-    timeout = rt.handler_timeout
-    inboxes = rt.batcher_inboxes
-    events = rt.events
-    started = 0.0
-    for message in messages:
-        if message.status is not OK:
-            failed.append(message)
-            continue
-        # Decided once per message: a subscriber may arrive while the handler runs.
-        traced = bool(events)
-        if traced:
-            started = time.perf_counter()
-            events.emit(Event("message.start", rt.pipeline, PROCESSOR_KEY, "processor", (message,)))
-        try:
-            if timeout is None:
-                coroutine = handle_message(PROCESSOR_KEY, message, context)
-            else:
-                coroutine = _with_timeout(handle_message(PROCESSOR_KEY, message, context), timeout)
-            # A hook may return anything; it is checked below.
-            result = cast(object, await coroutine)
-        except (Exception, asyncio.CancelledError) as exc:
-            reraise_own_cancellation(exc)
-            fail_with_exception(message, exc, "handle_message")
-            failed.append(message)
-            if traced:
-                events.emit(
-                    Event(
-                        "message.exception",
-                        rt.pipeline,
-                        PROCESSOR_KEY,
-                        "processor",
-                        (message,),
-                        exception=exc,
-                    )
+    failed, or routed per batcher; the seconds of each call go to `durations`, if given."""
+    deadline = None if rt.handler_timeout is None else Deadline(rt.handler_timeout)
+    try:
+        for message in messages:
+            if message.status is not OK:
+                failed.append(message)
+                continue
+            result = await _handle_one(rt, message, deadline, durations)
+            if result is None:
+                failed.append(message)
+            elif not isinstance(result, Message):
+                message.status = Failed(
+                    f"handle_message returned {describe_return(result)}, expected a Message"
                 )
-            continue
-        if traced:
+                failed.append(message)
+            elif result.status is not OK:
+                failed.append(result)
+            elif not rt.batcher_inboxes:
+                done.append(result)
+            else:
+                _route(result, rt.batcher_inboxes, routed, failed)
+    finally:
+        if deadline is not None:
+            deadline.close()
+
+
+async def _handle_one(
+    rt: Runtime, message: Message, deadline: Deadline | None, durations: list[float] | None
+) -> object | None:
+    """One handle_message call: what it returned, or None when it raised (the message is
+    then failed with the exception)."""
+    events = rt.events
+    # Decided once per message: a subscriber may arrive while the handler runs.
+    traced = events.per_message
+    if traced:
+        events.emit(Event("message.start", rt.pipeline, PROCESSOR_KEY, "processor", (message,)))
+    timed = traced or durations is not None
+    started = time.perf_counter() if timed else 0.0
+    if deadline is not None:
+        deadline.begin()
+    try:
+        # A hook may return anything; the caller checks it.
+        result = cast(object, await rt.handlers.handle_message(PROCESSOR_KEY, message, rt.context))
+    except (Exception, asyncio.CancelledError) as raised:
+        error = raised if deadline is None else deadline.end(raised)
+        assert error is not None
+        reraise_own_cancellation(error)
+        fail_with_exception(message, error, "handle_message")
+        if events:
             events.emit(
                 Event(
-                    "message.stop",
+                    "message.exception",
                     rt.pipeline,
                     PROCESSOR_KEY,
                     "processor",
                     (message,),
-                    duration=time.perf_counter() - started,
+                    exception=error,
                 )
             )
-        if not isinstance(result, Message):
-            message.status = Failed(
-                f"handle_message returned {describe_return(result)}, expected a Message"
+        return None
+    if deadline is not None:
+        deadline.end(None)
+    elapsed = time.perf_counter() - started if timed else 0.0
+    if durations is not None:
+        durations.append(elapsed)
+    if traced:
+        events.emit(
+            Event(
+                "message.stop",
+                rt.pipeline,
+                PROCESSOR_KEY,
+                "processor",
+                (message,),
+                duration=elapsed,
             )
-            failed.append(message)
-        elif result.status is not OK:
-            failed.append(result)
-        elif not inboxes:
-            done.append(result)
-        else:
-            _route(result, inboxes, routed, failed)
+        )
+    return result
 
 
 def _route(
@@ -186,14 +205,3 @@ def _route(
         routed[batcher] = [message]
     else:
         messages.append(message)
-
-
-async def _with_timeout(coroutine: Coroutine[Any, Any, Message], seconds: float) -> Message:
-    cm = asyncio.timeout(seconds)
-    try:
-        async with cm:
-            return await coroutine
-    except TimeoutError:
-        if cm.expired():
-            raise HandlerTimeout(f"timed out after {seconds:g}s") from None
-        raise

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import structlog
 
@@ -41,8 +41,10 @@ class Event:
     """One instrumentation event.
 
     - `processor.*`: a chunk around `prepare_messages` + `handle_message`; on stop,
-      `successful` / `failed` count the chunk's outcome.
-    - `message.*`: one `handle_message` call (emitted only while someone subscribes).
+      `successful` / `failed` count the chunk's outcome and `durations` holds the seconds
+      of each `handle_message` call of the chunk (metrics observe them per chunk).
+    - `message.*`: one `handle_message` call (`start` and `stop` only while a subscriber
+      asks for them: `EventBus.per_message`).
     - `batch.*`: one `handle_batch` call, with its `batch_info`.
     - `ack`: one acknowledger call, with the counts it settled; `ack.exception` instead
       when the acknowledger raised (nothing was acknowledged; a broker redelivers).
@@ -64,27 +66,54 @@ class Event:
     failed: int = 0
     batch_info: BatchInfo | None = None
     exception: BaseException | None = None
+    durations: Sequence[float] = ()
+
+
+# The events emitted for every message: built only while a subscriber asks for them
+# (`message.exception` only happens on a failure: it is always emitted).
+PER_MESSAGE: frozenset[EventKind] = frozenset(("message.start", "message.stop"))
 
 
 class EventBus:
     """Delivers events to subscribers; a subscriber that raises is detached and logged,
-    as `:telemetry` does, so instrumentation can never break a pipeline."""
+    as `:telemetry` does, so instrumentation can never break a pipeline.
+
+    A subscriber may name the kinds it wants (`subscribe(handler, kinds=...)`); the
+    per-message events are only built while one asks for them (`per_message`)::
+
+        pipeline.events.subscribe(on_batch, kinds={"batch.stop"})
+    """
 
     def __init__(self) -> None:
-        self._handlers: list[EventHandler] = []
+        self._handlers: list[tuple[EventHandler, frozenset[EventKind] | None]] = []
+        self.per_message = False
 
     def __bool__(self) -> bool:
         return bool(self._handlers)
 
-    def subscribe(self, handler: EventHandler) -> None:
-        self._handlers.append(handler)
+    def subscribe(self, handler: EventHandler, kinds: Iterable[EventKind] | None = None) -> None:
+        """Call `handler` with every event, or only with those of `kinds`."""
+        wanted = None if kinds is None else frozenset(kinds)
+        unknown = sorted(wanted - set(get_args(EventKind))) if wanted is not None else []
+        if unknown:
+            raise ValueError(f"unknown event kinds {unknown}; known: {get_args(EventKind)}")
+        self._handlers.append((handler, wanted))
+        self._update()
 
     def unsubscribe(self, handler: EventHandler) -> None:
-        if handler in self._handlers:
-            self._handlers.remove(handler)
+        self._handlers = [(h, kinds) for h, kinds in self._handlers if h != handler]
+        self._update()
+
+    def _update(self) -> None:
+        self.per_message = any(
+            kinds is None or not kinds.isdisjoint(PER_MESSAGE) for _, kinds in self._handlers
+        )
 
     def emit(self, event: Event) -> None:
-        for handler in tuple(self._handlers):
+        kind = event.kind
+        for handler, kinds in tuple(self._handlers):
+            if kinds is not None and kind not in kinds:
+                continue
             try:
                 handler(event)
             except Exception:

@@ -10,8 +10,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
-import structlog
-
 from ingest import Batcher, BatchInfo, Handlers, Message, Pipeline, Processors
 from ingest.producers.csv_file import CsvFileProducer
 from ingest.rabbitmq import (
@@ -26,8 +24,6 @@ from ingest.service.hosting import HostedPipeline
 from ingest.service.settings import Settings
 from pipelines.db import Database, TicketRow
 from pipelines.payloads import Booking, PayloadError, parse_booking
-
-logger = structlog.get_logger("pipelines.bookings")
 
 QUEUE = "bookings_queue"
 NOTIFICATIONS_QUEUE = "notifications_queue"
@@ -154,9 +150,6 @@ class BookingHandlers(Handlers):
                 )
                 for t in tickets
             ]
-        )
-        logger.debug(
-            "tickets booked", batcher=batcher, count=len(tickets), trigger=batch_info.trigger
         )
         return messages
 

@@ -19,7 +19,7 @@ from ingest.producers.csv_file import CsvFileProducer
 from ingest.rabbitmq.producer import RabbitMQProducer
 from ingest.rabbitmq.stats import ProducerStats
 from ingest.service.http import HealthServer
-from ingest.service.logging import log_failures
+from ingest.service.logging import FAILURE_EVENTS, log_failures
 from ingest.service.metrics import Metrics
 from ingest.service.settings import Settings
 
@@ -145,7 +145,7 @@ async def serve(
     metrics = Metrics()
     for item in hosted.values():
         metrics.watch(item.pipeline, item.ready, item.stats)
-        item.pipeline.events.subscribe(log_failures)
+        item.pipeline.events.subscribe(log_failures, kinds=FAILURE_EVENTS)
     http = HealthServer(
         settings.http_host,
         settings.http_port,

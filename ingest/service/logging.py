@@ -9,7 +9,7 @@ from typing import Literal
 
 import structlog
 
-from ingest.events import Event
+from ingest.events import Event, EventKind
 
 
 def configure_logging(
@@ -53,11 +53,18 @@ def configure_logging(
     logging.getLogger("aiormq").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
 
 
+# The events `log_failures` reads: subscribe it to these only, so that successful
+# messages cost it nothing (`pipeline.events.subscribe(log_failures, kinds=FAILURE_EVENTS)`).
+FAILURE_EVENTS: frozenset[EventKind] = frozenset(("ack", "batch.exception", "processor.exception"))
+
+
 def log_failures(event: Event) -> None:
     """An event handler logging each failed message with its context and reason, and
-    each hook that raised (subscribe it with `pipeline.events.subscribe`)."""
+    each hook that raised; nothing for what succeeded."""
+    if event.kind == "ack" and not event.failed:
+        return
     log = structlog.get_logger("ingest.pipeline").bind(pipeline=event.pipeline, stage=event.stage)
-    if event.kind == "ack" and event.failed:
+    if event.kind == "ack":
         # A message failed by a processor never reached a batcher: no batcher to name.
         batched = event.stage_kind != "processor"
         for message in event.messages:

@@ -3,13 +3,21 @@ from the pipelines when scraped."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from ingest.events import Event, EventKind
 from ingest.pipeline import Pipeline, State
@@ -27,6 +35,9 @@ _HOOK_OF: dict[EventKind, str] = {
     "ack.exception": "ack",
     "handle_failed.exception": "handle_failed",
 }
+_OBSERVED: frozenset[EventKind] = frozenset(
+    ("processor.start", "processor.stop", "ack", "batch.stop", *_HOOK_OF)
+)
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _SIZES = (1, 2, 5, 10, 20, 50, 75, 100, 200, 500, 1000)
 
@@ -68,13 +79,10 @@ class Metrics:
             buckets=_SIZES,
             registry=r,
         )
-        self.handle_message = Histogram(
-            "ingest_handle_message_seconds",
-            "handle_message duration",
-            ["pipeline"],
-            buckets=_SECONDS,
-            registry=r,
+        self.handle_message = ChunkedHistogram(
+            "ingest_handle_message_seconds", "handle_message duration", _SECONDS
         )
+        r.register(self.handle_message)
         self.handle_batch = Histogram(
             "ingest_handle_batch_seconds",
             "handle_batch duration",
@@ -98,12 +106,13 @@ class Metrics:
     ) -> None:
         """Subscribe to `pipeline`'s events and report its gauges and producer stats."""
         self._watched[pipeline.name] = Watched(pipeline, ready, stats)
-        pipeline.events.subscribe(self._on_event)
+        # Not the per-message events: handle_message's durations come per chunk.
+        pipeline.events.subscribe(self._on_event, kinds=_OBSERVED)
 
     def _on_event(self, event: Event) -> None:
         kind, name = event.kind, event.pipeline
-        if kind == "message.stop":
-            self.handle_message.labels(name).observe(event.duration or 0.0)
+        if kind == "processor.stop":
+            self.handle_message.observe_many(name, event.durations)
         elif kind == "processor.start":
             self.received.labels(name).inc(len(event.messages))
         elif kind == "ack":
@@ -197,4 +206,42 @@ class _FrameCollector(Collector):
         )
         for event, value in frame_events().items():
             family.add_metric([event], value)
+        yield family
+
+
+class ChunkedHistogram(Collector):
+    """A histogram per pipeline fed a chunk of observations at once (one per message of a
+    chunk): a bisect and an increment per value into plain counts, where a
+    `prometheus_client.Histogram` takes a lock and walks its buckets for each. Read at
+    scrape time, in the event loop's thread, which is the only one that writes."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = tuple(buckets)
+        # Per pipeline: a count per bucket (the last is +Inf) and the sum.
+        self._series: dict[str, tuple[list[int], list[float]]] = {}
+
+    def observe_many(self, pipeline: str, values: Sequence[float]) -> None:
+        if not values:
+            return
+        series = self._series.get(pipeline)
+        if series is None:
+            series = self._series[pipeline] = ([0] * (len(self._bounds) + 1), [0.0])
+        counts, total = series
+        bounds = self._bounds
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1
+        total[0] += sum(values)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=["pipeline"])
+        for pipeline, (counts, total) in self._series.items():
+            cumulative = list(accumulate(counts))
+            buckets = [
+                (floatToGoString(bound), count)  # type: ignore[no-untyped-call]
+                for bound, count in zip(self._bounds, cumulative, strict=False)
+            ]
+            buckets.append(("+Inf", cumulative[-1]))
+            family.add_metric([pipeline], buckets, total[0])
         yield family

@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
-from ingest import Handlers, InMemoryProducer, Message, Pipeline
+from ingest import Handlers, InMemoryProducer, Message, Pipeline, Processors
 from ingest.rabbitmq import _fastpath as fastpath
-from ingest.service.metrics import Metrics
+from ingest.service.metrics import ChunkedHistogram, Metrics
+from ingest.testing import send_batch
 
 
 class Passes(Handlers):
@@ -42,3 +43,27 @@ def test_the_fast_paths_frame_counters_are_exported(monkeypatch: pytest.MonkeyPa
     metrics = Metrics()
     assert sample(metrics, 'ingest_frame_events_total{event="leniently_decoded"}') == 3
     assert sample(metrics, 'ingest_frame_events_total{event="unknown_consumer"}') == 0
+
+
+async def test_handle_message_durations_are_observed_per_chunk_without_per_message_events() -> None:
+    metrics = Metrics()
+    pipeline = Pipeline("p", Passes(), InMemoryProducer(), processors=Processors(max_demand=10))
+    metrics.watch(pipeline, lambda: True)
+    assert not pipeline.events.per_message  # the metrics want no per-message events
+    async with pipeline:
+        await send_batch(pipeline, range(25))
+    assert sample(metrics, 'ingest_handle_message_seconds_count{pipeline="p"}') == 25
+    assert sample(metrics, 'ingest_handle_message_seconds_bucket{le="+Inf",pipeline="p"}') == 25
+    assert sample(metrics, 'ingest_handle_message_seconds_sum{pipeline="p"}') < 1.0
+
+
+def test_a_chunked_histogram_counts_each_value_in_its_bucket() -> None:
+    histogram = ChunkedHistogram("h_seconds", "test", (0.1, 1.0))
+    histogram.observe_many("p", [0.05, 0.1, 0.5, 2.0])
+    registry = CollectorRegistry()
+    registry.register(histogram)
+    text = generate_latest(registry).decode()
+    assert 'h_seconds_bucket{le="0.1",pipeline="p"} 2.0' in text
+    assert 'h_seconds_bucket{le="1.0",pipeline="p"} 3.0' in text
+    assert 'h_seconds_bucket{le="+Inf",pipeline="p"} 4.0' in text
+    assert 'h_seconds_sum{pipeline="p"} 2.65' in text

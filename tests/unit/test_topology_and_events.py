@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from ingest import Batcher, Event, Handlers, InMemoryProducer, Message, Pipeline, Processors
 from ingest.rabbitmq import RabbitMQOptions, RabbitMQProducer
 from ingest.testing import send_batch
@@ -89,3 +91,23 @@ async def test_a_raising_event_handler_is_detached_and_the_pipeline_goes_on(
     result = await send_batch(pipeline, ["ok", "ok"])
     assert len(result.successful) == 2
     assert len(calls) == 1
+
+
+async def test_a_subscriber_gets_only_the_kinds_it_asked_for(make_pipeline: MakePipeline) -> None:
+    pipeline = await make_pipeline(Split(), batchers={"b": Batcher(batch_size=2)})
+    acks: list[Event] = []
+    pipeline.events.subscribe(acks.append, kinds={"ack"})
+    assert not pipeline.events.per_message
+    await send_batch(pipeline, ["ok", "bad", "ok"])
+    assert {event.kind for event in acks} == {"ack"}
+    everything: list[Event] = []
+    pipeline.events.subscribe(everything.append)
+    assert pipeline.events.per_message
+    await send_batch(pipeline, ["ok"])
+    assert "message.start" in {event.kind for event in everything}
+
+
+def test_subscribing_to_an_unknown_kind_is_refused() -> None:
+    pipeline = Pipeline("p", Split(), InMemoryProducer())
+    with pytest.raises(ValueError, match=r"unknown event kinds \['message\.begin'\]"):
+        pipeline.events.subscribe(print, kinds={"message.begin"})  # type: ignore[arg-type]
