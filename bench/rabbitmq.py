@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import aiormq
+from _common import delete_queue, peak_rss_mb
 
 SCENARIOS = (
     "bare_aiormq",
@@ -245,14 +246,6 @@ async def ingest_pipeline(
                 await asyncio.sleep(0.05)
 
 
-def peak_rss_mb(pid: int | str = "self") -> float:
-    """VmHWM: unlike ru_maxrss, it is not inherited across fork and exec."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def _worker(url: str, queue: str, count: int, counter: Any, stop: Any, stamps: Any) -> None:
     import uvloop
 
@@ -395,19 +388,6 @@ def backlog_rss(url: str, count: int, seconds: float = 60.0) -> dict[str, Any]:
         "seconds": seconds,
         "peak_rss_mb": round(peak, 1),
     }
-
-
-async def delete_queue(url: str, queue: str) -> None:
-    """A queue and the dead-letter and retry queues either pipeline may have made for it."""
-    from ingest.rabbitmq.acknowledger import retry_queue_name
-    from pipelines import bookings, notifications
-
-    delays = {*bookings.RETRY.delays, *notifications.RETRY.delays}
-    connection = await aiormq.connect(url)
-    channel = await connection.channel()
-    for name in (queue, f"{queue}.dlq", *(retry_queue_name(queue, d) for d in delays)):
-        await channel.queue_delete(name)
-    await connection.close()
 
 
 def main() -> None:
