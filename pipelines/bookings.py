@@ -42,13 +42,15 @@ class Notifier(Protocol):
 
 
 class QueueNotifier:
-    """Publishes notifications to the notifications pipeline's queue, with confirms."""
+    """Publishes notifications to the notifications pipeline's queue, with confirms: a
+    batch's notifications go out in one write and `notify` returns once the broker
+    confirmed every one, else raises `PublishError` (the batch fails and is retried)."""
 
     def __init__(self, publisher: Publisher) -> None:
         self.publisher = publisher
 
     async def notify(self, messages: list[OutgoingMessage]) -> None:
-        await self.publisher.publish_many(messages)
+        await self.publisher.publish_batch(messages)
 
 
 class FileNotifier:

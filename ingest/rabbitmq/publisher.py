@@ -10,11 +10,11 @@ from typing import Any
 
 import aiormq
 import structlog
-from pamqp import commands as spec
 
-from ingest.exceptions import PublishError, Unroutable
+from ingest.exceptions import PublishError
 from ingest.rabbitmq._backoff import reconnect_delay
 from ingest.rabbitmq._connection import CONNECTION_ERRORS, open_connection
+from ingest.rabbitmq._publishing import PublishBatch, batch_publisher
 from ingest.rabbitmq.options import Backoff, redact
 
 logger = structlog.get_logger("ingest.rabbitmq")
@@ -36,10 +36,11 @@ class OutgoingMessage:
 class Publisher:
     """Publishes with publisher confirms and `mandatory`, so a publish returns only once
     the broker has the message (persisted, for durable queues) and raises `Unroutable` when
-    no queue would receive it. The connection is opened on first use and again after a
-    loss, with the backoff, for up to `connect_timeout` seconds per publish; the durable
-    `declare_queues` are declared on each connect, so publishing never depends on their
-    consumer having started first::
+    no queue would receive it. A batch (`publish_batch`) goes out in one write and is
+    confirmed by delivery tag, as acks are sent (see `_publishing`). The connection is
+    opened on first use and again after a loss, with the backoff, for up to
+    `connect_timeout` seconds per publish; the durable `declare_queues` are declared on
+    each connect, so publishing never depends on their consumer having started first::
 
         async with Publisher("amqp://guest:guest@localhost/%2F") as publisher:
             await publisher.publish(OutgoingMessage(b"email,foo@email.com", "notifications_queue"))
@@ -63,6 +64,8 @@ class Publisher:
         self.publish_timeout = publish_timeout
         self._connection: aiormq.abc.AbstractConnection | None = None
         self._channel: aiormq.abc.AbstractChannel | None = None
+        # How to publish on a channel (fast path or not), chosen once per channel.
+        self._publishing: tuple[aiormq.abc.AbstractChannel, PublishBatch] | None = None
         self._connecting = asyncio.Lock()
 
     async def __aenter__(self) -> Publisher:
@@ -74,44 +77,24 @@ class Publisher:
 
     async def publish(self, message: OutgoingMessage) -> None:
         """Publish one message; return when the broker confirmed it."""
-        channel = await self._ensure_channel()
-        properties = spec.Basic.Properties(
-            delivery_mode=2,
-            message_id=message.message_id,
-            headers=dict(message.headers) if message.headers else None,
-            content_type=message.content_type,
-            correlation_id=message.correlation_id,
-        )
-        try:
-            confirmation = await channel.basic_publish(
-                message.body,
-                exchange=message.exchange,
-                routing_key=message.routing_key,
-                properties=properties,
-                mandatory=True,
-                timeout=self.publish_timeout,
-            )
-        except aiormq.exceptions.PublishError as exc:
-            raise Unroutable(
-                f"no queue bound for exchange {message.exchange!r} and routing key "
-                f"{message.routing_key!r} (message_id {message.message_id})"
-            ) from exc
-        except CONNECTION_ERRORS as exc:
-            raise PublishError(f"publish of {message.message_id} failed: {exc!r}") from exc
-        if not isinstance(confirmation, spec.Basic.Ack):
-            raise PublishError(f"the broker refused message {message.message_id}: {confirmation!r}")
+        await self.publish_batch((message,))
+
+    async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> None:
+        """Publish `messages` in order, their frames in one write; return when the broker
+        confirmed every one, else raise for the first that failed, once all are settled
+        (`Unroutable`, or `PublishError`: refused, not confirmed within `publish_timeout`,
+        or lost with the connection). The others may have been published: publish with
+        message_ids you can deduplicate on."""
+        publish = await self._ensure_publishing()
+        await publish(messages, self.publish_timeout)
 
     async def publish_many(self, messages: Sequence[OutgoingMessage]) -> None:
-        """Publish concurrently; return when every one is confirmed, else raise the first
-        error (the others may have been published: publish with message_ids you can
-        deduplicate on)."""
-        results = await asyncio.gather(*(self.publish(m) for m in messages), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        """`publish_batch`, under the name it had when it was one publish per message."""
+        await self.publish_batch(messages)
 
     async def close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
+        self._publishing = None
         if connection is not None and not connection.is_closed:
             await connection.close()
 
@@ -123,6 +106,13 @@ class Publisher:
             if self._channel is not None and not self._channel.is_closed:
                 return self._channel
             return await self._reconnect()
+
+    async def _ensure_publishing(self) -> PublishBatch:
+        channel = await self._ensure_channel()
+        chosen = self._publishing
+        if chosen is None or chosen[0] is not channel:
+            chosen = self._publishing = (channel, batch_publisher(channel))
+        return chosen[1]
 
     async def _reconnect(self) -> aiormq.abc.AbstractChannel:
         await self.close()

@@ -1,14 +1,19 @@
-"""The publisher: confirms, persistence, message ids, returns, reconnect."""
+"""The publisher: confirms, persistence, message ids, returns, nacks, reconnect; batches
+in one write or, with the fast path refused, one `basic_publish` per message."""
 
 from __future__ import annotations
+
+import asyncio
+import urllib.parse
 
 import aiormq
 import pytest
 
 from ingest.rabbitmq import OutgoingMessage, Publisher, PublishError, Unroutable
+from ingest.rabbitmq import _fastpath as fastpath
 from ingest.rabbitmq.options import Backoff
 
-from .conftest import Broker, drain_queue
+from .conftest import Broker, drain_queue, queue_depth
 
 
 async def test_a_confirmed_publish_is_in_the_queue_persistent_with_its_message_id(
@@ -58,3 +63,162 @@ async def test_an_unreachable_broker_fails_within_the_connect_timeout() -> None:
     )
     with pytest.raises(PublishError, match=r"cannot connect to amqp://guest:\*\*\*@127\.0\.0\.1:1"):
         await publisher.publish(OutgoingMessage(b"x", "anywhere"))
+
+
+# Batches: their frames in one write, confirmed by delivery tag (the fast path), or one
+# `basic_publish` per message when the fast path is refused; the same guarantees either way.
+
+FRAME_MAX = 131072  # the broker's default, which the publisher's connection negotiates
+
+
+@pytest.fixture(params=["fast-path", "aiormq-publish"])
+def publishing_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a Publisher publishes: the second with the fast path refused, as with an
+    aiormq it was not written for."""
+    if request.param == "aiormq-publish":
+        monkeypatch.setattr(fastpath, "_version", lambda name: "7.3.0")
+        monkeypatch.setattr(fastpath, "_reported", set())
+    return str(request.param)
+
+
+def varied_batch(queue: str, count: int) -> list[OutgoingMessage]:
+    """`count` messages with every property a publisher sets, an empty body and a body
+    that takes three frames among them."""
+    messages = []
+    for i in range(count):
+        body = b"%d" % i
+        if i == 3:
+            body = b""
+        elif i == count // 2:
+            body = bytes(range(256)) * (2 * FRAME_MAX // 256 + 7)
+        messages.append(
+            OutgoingMessage(
+                body,
+                queue,
+                message_id=f"id-{i}",
+                content_type="application/json" if i % 2 else None,
+                headers={"n": i, "kind": "é", "nested": {"odd": bool(i % 2)}} if i % 3 else None,
+                correlation_id=f"c-{i}" if i % 5 == 0 else None,
+            )
+        )
+    return messages
+
+
+async def consumed(
+    amqp: aiormq.abc.AbstractChannel, queue: str, count: int | None = None
+) -> list[aiormq.abc.DeliveredMessage]:
+    """A queue's messages (no_ack): the first `count`, or all until none came for 1 s."""
+    got: list[aiormq.abc.DeliveredMessage] = []
+    arrived = asyncio.Event()
+
+    def take(message: aiormq.abc.DeliveredMessage) -> None:
+        got.append(message)
+        arrived.set()
+
+    ok = await amqp.basic_consume(queue, take, no_ack=True)
+    while count is None or len(got) < count:
+        arrived.clear()
+        try:
+            await asyncio.wait_for(arrived.wait(), 1 if count is None else 5)
+        except TimeoutError:
+            break
+    assert ok.consumer_tag is not None
+    await amqp.basic_cancel(ok.consumer_tag)
+    return got
+
+
+async def test_a_batch_of_1000_is_confirmed_and_every_message_arrives_as_sent(
+    broker: Broker, amqp: aiormq.abc.AbstractChannel, queue_name: str, publishing_path: str
+) -> None:
+    await amqp.queue_declare(queue_name, durable=True)
+    sent = varied_batch(queue_name, 1000)
+    async with Publisher(broker.amqp_url) as publisher:
+        await publisher.publish_batch(sent)
+        # Confirmed means in the queue, all of it, before the publish returned.
+        assert await queue_depth(amqp, queue_name) == 1000
+    taken = await consumed(amqp, queue_name, 1000)
+    assert [m.body for m in taken] == [m.body for m in sent]
+    assert [m.header.properties.message_id for m in taken] == [m.message_id for m in sent]
+    assert [m.header.properties.content_type for m in taken] == [m.content_type for m in sent]
+    assert [m.header.properties.headers for m in taken] == [m.headers for m in sent]
+    assert [m.header.properties.correlation_id for m in taken] == [m.correlation_id for m in sent]
+    assert {m.header.properties.delivery_mode for m in taken} == {2}
+
+
+async def test_an_unroutable_message_fails_its_batch_and_the_others_are_confirmed(
+    broker: Broker, amqp: aiormq.abc.AbstractChannel, queue_name: str, publishing_path: str
+) -> None:
+    await amqp.queue_declare(queue_name, durable=True)
+    await amqp.queue_bind(queue_name, "amq.direct", routing_key=queue_name)
+    batch = [
+        OutgoingMessage(b"%d" % i, queue_name, exchange="amq.direct", message_id=f"id-{i}")
+        for i in range(10)
+    ]
+    batch[4] = OutgoingMessage(b"4", f"{queue_name}-missing", "amq.direct", "id-4")
+    async with Publisher(broker.amqp_url) as publisher:
+        with pytest.raises(
+            Unroutable,
+            match=rf"exchange 'amq.direct' and routing key '{queue_name}-missing' "
+            r"\(message_id id-4\)$",
+        ):
+            await publisher.publish_batch(batch)
+        assert await queue_depth(amqp, queue_name) == 9  # settled before the batch failed
+        await publisher.publish_batch(batch[5:])  # the channel goes on
+    taken = await drain_queue(amqp, queue_name)
+    assert [m.body for m in taken] == [b"%d" % i for i in (0, 1, 2, 3, 5, 6, 7, 8, 9)] + [
+        b"%d" % i for i in (5, 6, 7, 8, 9)
+    ]
+
+
+async def test_a_message_the_broker_nacks_fails_its_batch(
+    broker: Broker, amqp: aiormq.abc.AbstractChannel, queue_name: str, publishing_path: str
+) -> None:
+    await amqp.queue_declare(
+        queue_name, durable=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+    )
+    batch = [OutgoingMessage(b"%d" % i, queue_name, message_id=f"id-{i}") for i in range(3)]
+    async with Publisher(broker.amqp_url) as publisher:
+        with pytest.raises(PublishError, match=r"message id-1\b.*1 other message") as raised:
+            await publisher.publish_batch(batch)
+    assert not isinstance(raised.value, Unroutable)
+    assert [m.body for m in await drain_queue(amqp, queue_name)] == [b"0"]
+
+
+async def test_a_connection_closed_by_the_broker_mid_batch_fails_it_and_a_retry_publishes_it(
+    broker: Broker, amqp: aiormq.abc.AbstractChannel, queue_name: str, publishing_path: str
+) -> None:
+    await amqp.queue_declare(queue_name, durable=True)
+    name = f"ingest-{queue_name}"
+    batch = [
+        OutgoingMessage(b"%06d" % i + b"." * 1000, queue_name, message_id=f"id-{i}")
+        for i in range(10_000)
+    ]
+    async with Publisher(broker.amqp_url, connection_name=name) as publisher:
+        [connection] = await connections_named(broker, name)
+        publishing = asyncio.create_task(publisher.publish_batch(batch))
+        await asyncio.sleep(0.01)  # written, or being written
+        await broker.api_async("DELETE", f"connections/{urllib.parse.quote(connection, safe='')}")
+        with pytest.raises(PublishError, match=r"not confirmed|failed"):
+            await publishing
+        assert await queue_depth(amqp, queue_name) < len(batch)  # closed mid-batch indeed
+        await publisher.publish_batch(batch)  # reconnects
+    # Every message, those the broker had taken before the close twice.
+    taken = await consumed(amqp, queue_name)
+    assert {m.header.properties.message_id for m in taken} == {m.message_id for m in batch}
+    assert len(batch) <= len(taken) < 2 * len(batch)
+
+
+async def connections_named(broker: Broker, name: str) -> list[str]:
+    """The broker's names of the connections with this client-provided name (the
+    management API lists a new connection within its stats interval, ~5 s)."""
+    for _ in range(75):
+        connections = await broker.api_async("GET", "connections?columns=name,client_properties")
+        ours = [
+            c["name"]
+            for c in connections
+            if c.get("client_properties", {}).get("connection_name") == name
+        ]
+        if ours:
+            return ours
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"the broker lists no connection named {name!r}")
