@@ -3,7 +3,8 @@ already sent, with SQLAlchemy 2 async Core (SQLite by default, PostgreSQL in com
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,12 +64,75 @@ SEED_USERS = (
 
 # Any constant that other applications sharing the database do not use for their locks.
 SCHEMA_LOCK_KEY = 0x1E57_71C4
-# Per database: its INSERT with ON CONFLICT DO NOTHING, and the statement that makes schema
-# creation exclusive until the transaction ends (`ingest run --workers N` starts at once).
-DIALECTS: dict[str, tuple[Any, str]] = {
-    "postgresql": (postgresql.insert, f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY})"),
-    "sqlite": (sqlite.insert, "BEGIN IMMEDIATE"),  # the write lock, for the busy timeout
-}
+# An id past 64 bits is in no integer column; asked for, the driver would fail the query.
+INT64 = range(-(2**63), 2**63)
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """One database's SQL. The per-batch queries are fixed text in the driver's own
+    parameter style, run with `exec_driver_sql`: SQLAlchemy compiles nothing and the driver
+    prepares each once per connection whatever the batch size. (A multi-row VALUES, or an
+    IN list, is a new statement for every row count: compiled, prepared, and capped at
+    32,767 parameters.)"""
+
+    insert: Any  # the dialect's INSERT construct, for the seed
+    schema_lock: str  # makes schema creation exclusive until the transaction ends
+    engine_options: Mapping[str, Any]
+    transaction_options: Mapping[str, Any]  # what start() needs for a real transaction
+    insert_tickets: str
+    emails_of: str
+    record_sent: str
+    sent: str
+    rows: Callable[[list[tuple[Any, ...]]], Any]  # rows -> the parameters of one call
+    listed: Callable[[list[Any]], tuple[Any, ...]]  # a list -> the one parameter
+
+
+def _columns(rows: list[tuple[Any, ...]]) -> tuple[list[Any], ...]:
+    return tuple(list(column) for column in zip(*rows, strict=True))
+
+
+POSTGRESQL = Dialect(
+    insert=postgresql.insert,
+    schema_lock=f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY})",
+    # Autocommit: each query below is one statement, atomic on its own. In a transaction,
+    # a call would also pay BEGIN and COMMIT, and the pool's pre-ping its own BEGIN and
+    # ROLLBACK: six round trips instead of two (the ping, the statement).
+    engine_options={"pool_pre_ping": True, "isolation_level": "AUTOCOMMIT"},
+    transaction_options={"isolation_level": "READ COMMITTED"},
+    # One array per column: one statement and one round trip for any number of rows.
+    insert_tickets="INSERT INTO tickets (message_id, user_id, event)"
+    " SELECT * FROM unnest($1::text[], $2::int[], $3::text[])"
+    " ON CONFLICT (message_id) DO NOTHING",
+    emails_of="SELECT id, email FROM users WHERE id = ANY($1::bigint[])",
+    record_sent="INSERT INTO notifications_sent (message_id, recipient)"
+    " SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT (message_id) DO NOTHING",
+    sent="SELECT message_id FROM notifications_sent WHERE message_id = ANY($1::text[])",
+    rows=_columns,
+    listed=lambda values: (values,),
+)
+
+SQLITE = Dialect(
+    insert=sqlite.insert,
+    schema_lock="BEGIN IMMEDIATE",  # the write lock, for the busy timeout
+    # No pre-ping: the connection is a file this process holds, with no server to lose;
+    # the ping would cost four calls through aiosqlite's thread on every checkout.
+    engine_options={},
+    transaction_options={},
+    # executemany: one statement, prepared once and stepped per row, in one transaction.
+    insert_tickets="INSERT INTO tickets (message_id, user_id, event) VALUES (?, ?, ?)"
+    " ON CONFLICT (message_id) DO NOTHING",
+    # A list is one JSON parameter: SQLite has no arrays.
+    emails_of="SELECT id, email FROM users WHERE id IN (SELECT value FROM json_each(?))",
+    record_sent="INSERT INTO notifications_sent (message_id, recipient) VALUES (?, ?)"
+    " ON CONFLICT (message_id) DO NOTHING",
+    sent="SELECT message_id FROM notifications_sent"
+    " WHERE message_id IN (SELECT value FROM json_each(?))",
+    rows=lambda rows: rows,
+    listed=lambda values: (json.dumps(values),),
+)
+
+DIALECTS = {"postgresql": POSTGRESQL, "sqlite": SQLITE}
 
 SQLITE_CACHE_KIB = 256
 
@@ -91,7 +155,10 @@ class TicketRow:
 
 
 class Database:
-    """The queries the pipelines need, each one statement."""
+    """The queries the pipelines need, each one statement.
+
+    On PostgreSQL the engine runs in autocommit (see POSTGRESQL): `engine.begin()` there
+    is no transaction; code that needs one sets an isolation level first, as start() does."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -101,10 +168,10 @@ class Database:
             raise ValueError(
                 f"unsupported database {dialect!r}: use sqlite+aiosqlite or postgresql+asyncpg"
             )
-        self._insert, self._schema_lock = DIALECTS[dialect]
+        self._sql = DIALECTS[dialect]
         if dialect == "sqlite" and parsed.database not in (None, "", ":memory:"):
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: AsyncEngine = create_async_engine(url, pool_pre_ping=True)
+        self.engine: AsyncEngine = create_async_engine(url, **self._sql.engine_options)
         if dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _small_page_cache)
 
@@ -116,10 +183,12 @@ class Database:
         side by side): each takes a lock for the whole transaction first, so one creates
         the tables and the others find them, instead of racing on CREATE TABLE."""
         try:
-            async with self.engine.begin() as connection:
-                await connection.exec_driver_sql(self._schema_lock)
-                await connection.run_sync(metadata.create_all)
-                await connection.execute(self._insert_ignoring(users, ["id"], SEED_USERS))
+            async with self.engine.connect() as connection:
+                await connection.execution_options(**self._sql.transaction_options)
+                async with connection.begin():
+                    await connection.exec_driver_sql(self._sql.schema_lock)
+                    await connection.run_sync(metadata.create_all)
+                    await connection.execute(self._insert_ignoring(users, ["id"], SEED_USERS))
         except Exception as exc:
             where = make_url(self.url).render_as_string(hide_password=True)
             raise StartupError(
@@ -131,13 +200,11 @@ class Database:
 
     async def emails_of(self, user_ids: Iterable[int]) -> dict[int, str]:
         """The emails of these users, in one query; unknown ids are simply absent."""
-        ids = sorted(set(user_ids))
+        ids = list({i for i in user_ids if i in INT64})
         if not ids:
             return {}
         async with self.engine.connect() as connection:
-            result = await connection.execute(
-                select(users.c.id, users.c.email).where(users.c.id.in_(ids))
-            )
+            result = await connection.exec_driver_sql(self._sql.emails_of, self._sql.listed(ids))
             return {row.id: row.email for row in result}
 
     async def insert_tickets(self, rows: Sequence[TicketRow]) -> None:
@@ -145,11 +212,9 @@ class Database:
         redelivered booking creates no second ticket."""
         if not rows:
             return
-        values = [
-            {"message_id": r.message_id, "user_id": r.user_id, "event": r.event} for r in rows
-        ]
+        values = [(r.message_id, r.user_id, r.event) for r in rows]
         async with self.engine.begin() as connection:
-            await connection.execute(self._insert_ignoring(tickets, ["message_id"], values))
+            await connection.exec_driver_sql(self._sql.insert_tickets, self._sql.rows(values))
 
     async def sent(self, message_ids: Iterable[str]) -> set[str]:
         """Which of these notifications were already sent."""
@@ -157,20 +222,14 @@ class Database:
         if not ids:
             return set()
         async with self.engine.connect() as connection:
-            result = await connection.execute(
-                select(notifications_sent.c.message_id).where(
-                    notifications_sent.c.message_id.in_(ids)
-                )
-            )
-            return {row.message_id for row in result}
+            result = await connection.exec_driver_sql(self._sql.sent, self._sql.listed(ids))
+            return set(result.scalars())
 
     async def record_sent(self, recipient: str, message_ids: Iterable[str]) -> None:
-        values = [{"message_id": m, "recipient": recipient} for m in set(message_ids)]
+        values = [(m, recipient) for m in set(message_ids)]
         if values:
             async with self.engine.begin() as connection:
-                await connection.execute(
-                    self._insert_ignoring(notifications_sent, ["message_id"], values)
-                )
+                await connection.exec_driver_sql(self._sql.record_sent, self._sql.rows(values))
 
     async def count_tickets(self) -> int:
         async with self.engine.connect() as connection:
@@ -182,4 +241,6 @@ class Database:
         self, table: Table, keys: list[str], rows: Sequence[Mapping[str, Any]]
     ) -> Any:
         """One multi-row INSERT of `rows` that skips those whose `keys` are already there."""
-        return self._insert(table).values(list(rows)).on_conflict_do_nothing(index_elements=keys)
+        return (
+            self._sql.insert(table).values(list(rows)).on_conflict_do_nothing(index_elements=keys)
+        )
