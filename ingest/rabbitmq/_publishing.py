@@ -318,18 +318,11 @@ async def _publish_one(
 ) -> object:
     """None once confirmed, else the confirmation (a nack, or a returned message when the
     channel does not raise on returns); raises what `basic_publish` raises."""
-    properties = spec.Basic.Properties(
-        delivery_mode=2,
-        message_id=message.message_id,
-        headers=dict(message.headers) if message.headers else None,
-        content_type=message.content_type,
-        correlation_id=message.correlation_id,
-    )
     confirmation = await channel.basic_publish(
         message.body,
         exchange=message.exchange,
         routing_key=message.routing_key,
-        properties=properties,
+        properties=message.properties(),
         mandatory=True,
         timeout=timeout,
     )

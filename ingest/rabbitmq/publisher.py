@@ -10,6 +10,7 @@ from typing import Any
 
 import aiormq
 import structlog
+from pamqp import commands as spec
 
 from ingest.exceptions import PublishError
 from ingest.rabbitmq._backoff import reconnect_delay
@@ -31,6 +32,16 @@ class OutgoingMessage:
     headers: Mapping[str, Any] | None = None
     content_type: str | None = None
     correlation_id: str | None = None
+
+    def properties(self) -> spec.Basic.Properties:
+        """Its AMQP properties: persistent, with its id and whatever else it sets."""
+        return spec.Basic.Properties(
+            delivery_mode=2,
+            message_id=self.message_id,
+            headers=dict(self.headers) if self.headers else None,
+            content_type=self.content_type,
+            correlation_id=self.correlation_id,
+        )
 
 
 class Publisher:

@@ -16,7 +16,7 @@ from aiormq.abc import ChannelFrame
 from aiormq.connection import FrameReceiver
 from structlog.testing import capture_logs
 
-from ingest import Handlers, Message
+from ingest import Handlers, Message, Pipeline
 from ingest.rabbitmq import REASON_HEADER, Binding, QueueDeclare, RabbitMQProducer
 from ingest.rabbitmq import _fastpath as fastpath
 from ingest.rabbitmq._connection import open_connection
@@ -179,6 +179,19 @@ async def _fanout(amqp: aiormq.abc.AbstractChannel, queue_name: str) -> str:
     return exchange
 
 
+async def _behind_a_fanout(
+    make_rabbit_pipeline: MakeRabbitPipeline,
+    amqp: aiormq.abc.AbstractChannel,
+    queue_name: str,
+    handlers: Handlers,
+) -> tuple[str, Pipeline, RabbitMQProducer]:
+    """A pipeline on `queue_name`, bound to a fanout exchange that takes raw frames whatever
+    their routing key."""
+    exchange = await _fanout(amqp, queue_name)
+    pipeline, producer = await make_rabbit_pipeline(handlers, bindings=(Binding(exchange),))
+    return exchange, pipeline, producer
+
+
 class Scripted(Handlers):
     """b"fail…" fails on purpose, anything else succeeds; records what it saw."""
 
@@ -247,8 +260,9 @@ async def test_a_failed_message_with_strings_that_are_not_utf8_is_dead_lettered_
     case: NotUtf8,
 ) -> None:
     handlers = Scripted()
-    exchange = await _fanout(amqp, queue_name)
-    pipeline, producer = await make_rabbit_pipeline(handlers, bindings=(Binding(exchange),))
+    exchange, pipeline, producer = await _behind_a_fanout(
+        make_rabbit_pipeline, amqp, queue_name, handlers
+    )
     await publish_raw(broker, exchange, b"fail-raw", case.raw, case.routing_key)
     await eventually(lambda: _depth_is(amqp, f"{queue_name}.dlq", 1))
     await asyncio.sleep(0.3)  # a reconnect loop would deliver it again meanwhile
@@ -278,8 +292,9 @@ async def test_a_successful_message_with_strings_that_are_not_utf8_is_acked_once
     case: NotUtf8,
 ) -> None:
     handlers = Scripted()
-    exchange = await _fanout(amqp, queue_name)
-    pipeline, producer = await make_rabbit_pipeline(handlers, bindings=(Binding(exchange),))
+    exchange, pipeline, producer = await _behind_a_fanout(
+        make_rabbit_pipeline, amqp, queue_name, handlers
+    )
     await publish_raw(broker, exchange, b"ok-raw", case.raw, case.routing_key)
     await eventually(lambda: _stat_is(producer, "ack", 1))
     await asyncio.sleep(0.3)  # a reconnect loop would deliver it again meanwhile
@@ -355,8 +370,9 @@ async def test_a_reason_quoting_a_message_id_that_is_not_utf8_is_dead_lettered_o
     amqp: aiormq.abc.AbstractChannel,
     queue_name: str,
 ) -> None:
-    exchange = await _fanout(amqp, queue_name)
-    pipeline, producer = await make_rabbit_pipeline(QuotesTheId(), bindings=(Binding(exchange),))
+    exchange, pipeline, producer = await _behind_a_fanout(
+        make_rabbit_pipeline, amqp, queue_name, QuotesTheId()
+    )
     await publish_raw(broker, exchange, b"x", {"message_id": _short(b"\xffm-2")})
     await eventually(lambda: _depth_is(amqp, f"{queue_name}.dlq", 1))
     await asyncio.sleep(0.3)  # a requeue loop would deliver it again meanwhile

@@ -169,13 +169,7 @@ def test_packed_frames_are_pamqps_frames_of_what_basic_publish_builds(
     # The frames aiormq's `basic_publish` builds for each message, marshalled by pamqp.
     frames: list[Any] = []
     for m in messages:
-        properties = spec.Basic.Properties(
-            delivery_mode=2,
-            message_id=m.message_id,
-            headers=dict(m.headers) if m.headers else None,
-            content_type=m.content_type,
-            correlation_id=m.correlation_id,
-        )
+        properties = m.properties()
         frames.append(spec.Basic.Publish(0, m.exchange, m.routing_key, mandatory=True))
         frames.append(ContentHeader(body_size=len(m.body), properties=properties))
         for start in range(0, len(m.body), max_content_size):
