@@ -85,10 +85,14 @@ class PipelineShape:
         return math.ceil(self.batch_sizes() / HOLD_SHARE)
 
     def default_bound(self) -> int:
-        """A bound to pick when none is given: room for two batches of every batcher, and
-        for every processor's demand."""
+        """A bound to pick when none is given: room for a batch in every batch processor
+        and one more filling in every batcher, and for every processor's demand."""
         processors = self.processors
-        return max(50, 2 * self.batch_sizes(), processors.concurrency * processors.max_demand)
+        in_flight = sum(
+            (batcher.concurrency + 1) * (batcher.max_messages or 0)
+            for batcher in self.batchers.values()
+        )
+        return max(50, in_flight, processors.concurrency * processors.max_demand)
 
     def check_bound(self, bound: int, option: str) -> None:
         """ValueError, naming `option` and the number to raise it to, when one batch of

@@ -1,7 +1,8 @@
 """The tickets database on SQLite and PostgreSQL: processes that start at once
 (`ingest run --workers N`) on a database without its schema all come up; a batch is one
-statement, the same SQL whatever its size, and costs PostgreSQL one round trip besides the
-pool's ping; redeliveries insert nothing."""
+statement, the same SQL whatever its size, and costs PostgreSQL one round trip; a
+connection the server dropped is replaced without failing the call; redeliveries insert
+nothing."""
 
 from __future__ import annotations
 
@@ -223,7 +224,7 @@ class RoundTrips:
             writer.write(data)
 
 
-async def test_on_postgresql_a_call_is_the_pools_ping_and_one_round_trip(
+async def test_on_postgresql_a_call_is_one_round_trip(
     database_url: str,
 ) -> None:
     if not database_url.startswith("postgresql"):
@@ -248,15 +249,52 @@ async def test_on_postgresql_a_call_is_the_pools_ping_and_one_round_trip(
                     trips.setdefault(name, []).append(proxy.count - before)
         finally:
             await db.close()
-    # The pool's pre-ping, then the statement: no BEGIN or COMMIT, no new statement.
-    assert trips == {name: [2, 2] for name in calls}
+    # The statement alone: no ping, no BEGIN or COMMIT, no new statement.
+    assert trips == {name: [1, 1] for name in calls}
 
 
-async def test_sqlite_connections_keep_a_small_page_cache(tmp_path: Path) -> None:
+async def test_connections_the_server_dropped_are_replaced_without_failing_a_call(
+    database_url: str,
+) -> None:
+    """No pre-ping: a pooled connection that PostgreSQL closed (a restart, an idle
+    timeout) fails on first use, and the call runs once more on a new one."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("a database server that drops connections: PostgreSQL")
+    import asyncpg
+
+    url = make_url(database_url)
+    db = Database(database_url)
+    try:
+        await db.start()
+        await asyncio.gather(*(db.emails_of([1]) for _ in range(3)))  # pooled connections
+        admin = await asyncpg.connect(
+            host=url.host, port=url.port, user=url.username, database=url.database
+        )
+        try:
+            dropped = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await admin.close()
+        assert dropped >= 1
+        assert await db.emails_of([1, 2]) == {1: EMAILS[1], 2: EMAILS[2]}
+        await db.insert_tickets(tickets("after-drop", 3))
+        assert await db.count_tickets() == 3
+    finally:
+        await db.close()
+
+
+async def test_sqlite_connections_keep_a_small_page_cache_and_a_durable_log(
+    tmp_path: Path,
+) -> None:
     db = Database(f"sqlite+aiosqlite:///{tmp_path}/tickets.db")
     try:
         async with db.engine.connect() as connection:
             pages = await connection.scalar(text("PRAGMA cache_size"))
+            journal = await connection.scalar(text("PRAGMA journal_mode"))
+            synchronous = await connection.scalar(text("PRAGMA synchronous"))
         assert pages == -SQLITE_CACHE_KIB  # negative: a size in KiB rather than in pages
+        assert (journal, synchronous) == ("wal", 2)  # 2: FULL, a sync on every commit
     finally:
         await db.close()

@@ -47,7 +47,17 @@ def test_a_prefetch_too_small_for_the_batchers_is_refused_with_what_to_raise() -
 def test_without_a_prefetch_one_the_batchers_can_fill_is_chosen() -> None:
     producer = RabbitMQProducer(RabbitMQOptions(queue="q"))
     Pipeline("bookings", Routes(), producer, batchers=THREE_BATCHERS)
-    assert producer.prefetch_count == 450
+    assert producer.prefetch_count == 450  # a batch in each batch processor, one filling
+
+
+def test_the_chosen_prefetch_has_room_for_every_batch_processor() -> None:
+    batchers = {
+        "cinema": Batcher(batch_size=75, concurrency=2),
+        "musical": Batcher(batch_size=100, concurrency=3),
+    }
+    producer = RabbitMQProducer(RabbitMQOptions(queue="q"))
+    Pipeline("bookings", Routes(), producer, batchers=batchers)
+    assert producer.prefetch_count == 3 * 75 + 4 * 100
 
 
 def test_the_pipeline_intake_holds_everything_the_broker_may_send() -> None:
