@@ -4,6 +4,7 @@ outbox directory as .eml files."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -20,6 +21,8 @@ from pipelines.payloads import Notification
 
 class Mailer(Protocol):
     async def send(self, message: EmailMessage) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 def digest(
@@ -47,9 +50,14 @@ def digest(
 
 
 class SmtpMailer:
-    """Sends over SMTP: `smtp://[user:password@]host[:port]`, or `smtps://` for TLS."""
+    """Sends over SMTP: `smtp://[user:password@]host[:port]`, or `smtps://` for TLS.
 
-    def __init__(self, url: str, timeout: float = 30.0) -> None:
+    Connections are kept open and reused, one per send under way (at most `connections`
+    kept idle): a new connection costs a TCP handshake, EHLO, TLS and login, more than the
+    email itself. One the server closed while idle is found on use, and the email goes
+    once more over a new connection."""
+
+    def __init__(self, url: str, timeout: float = 30.0, connections: int = 5) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
             raise ValueError("INGEST_SMTP_URL must look like smtp://user:password@host:port")
@@ -59,10 +67,39 @@ class SmtpMailer:
         self.username = unquote(parts.username) if parts.username else None
         self.password = unquote(parts.password) if parts.password else None
         self.timeout = timeout
+        self.connections = connections
+        self._idle: list[aiosmtplib.SMTP] = []
+        self._local_hostname: str | None = None
 
     async def send(self, message: EmailMessage) -> None:
-        await aiosmtplib.send(
-            message,
+        client = self._idle.pop() if self._idle else None
+        try:
+            if client is None or not client.is_connected:
+                client = await self._connect()
+            try:
+                await client.send_message(message)
+            except aiosmtplib.SMTPServerDisconnected:
+                client = await self._connect()
+                await client.send_message(message)
+        except BaseException:
+            if client is not None:
+                client.close()
+            raise
+        if len(self._idle) < self.connections:
+            self._idle.append(client)
+        else:
+            await _quit(client)
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for client in idle:
+            await _quit(client)
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        if self._local_hostname is None:
+            # What aiosmtplib would look up again on every connection, off the event loop.
+            self._local_hostname = await asyncio.to_thread(socket.getfqdn)
+        client = aiosmtplib.SMTP(
             hostname=self.hostname,
             port=self.port,
             username=self.username,
@@ -70,7 +107,18 @@ class SmtpMailer:
             use_tls=self.use_tls,
             start_tls=False if not self.use_tls else None,
             timeout=self.timeout,
+            local_hostname=self._local_hostname,
         )
+        await client.connect()
+        return client
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    """Say goodbye; a server that is gone already is no error here."""
+    try:
+        await client.quit()
+    except aiosmtplib.SMTPException:
+        client.close()
 
 
 class OutboxMailer:
@@ -81,6 +129,9 @@ class OutboxMailer:
 
     async def send(self, message: EmailMessage) -> None:
         await asyncio.to_thread(self._write, message)
+
+    async def close(self) -> None:
+        """Nothing held open."""
 
     def _write(self, message: EmailMessage) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -88,7 +88,13 @@ def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
     config = settings.pipeline("notifications")
     db = Database(settings.database_url.get_secret_value())
     smtp_url = settings.smtp_url.get_secret_value() if settings.smtp_url else None
-    mailer: Mailer = SmtpMailer(smtp_url) if smtp_url else OutboxMailer(settings.mail_outbox)
+    batchers = config.batcher_options(BATCHERS)
+    mailer: Mailer = (
+        # One connection kept open per batch processor: each sends one digest at a time.
+        SmtpMailer(smtp_url, connections=batchers["email"].concurrency)
+        if smtp_url
+        else OutboxMailer(settings.mail_outbox)
+    )
     producer: CsvFileProducer | RabbitMQProducer
     if source is not None:
         producer = CsvFileProducer(source)
@@ -108,15 +114,19 @@ def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
         NotificationHandlers(db, mailer, settings.mail_from, settings.max_body_bytes),
         producer,
         processors=config.processor_options(Processors(concurrency=2, max_demand=20)),
-        batchers=config.batcher_options(BATCHERS),
+        batchers=batchers,
         shutdown_timeout=settings.shutdown_timeout,
         handler_timeout=10.0,
     )
+
+    async def shutdown() -> None:
+        await mailer.close()
+        await db.close()
 
     return HostedPipeline.of(
         pipeline,
         config.queue or QUEUE,
         startup=db.start,
-        shutdown=db.close,
+        shutdown=shutdown,
         samples=sample_notifications,
     )
