@@ -8,7 +8,9 @@ import socket
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from email.message import EmailMessage
+from email.charset import QP, Charset
+from email.message import Message
+from email.mime.nonmultipart import MIMENonMultipart
 from email.utils import make_msgid
 from pathlib import Path
 from typing import Protocol
@@ -20,21 +22,20 @@ from pipelines.payloads import Notification
 
 
 class Mailer(Protocol):
-    async def send(self, message: EmailMessage) -> None: ...
+    async def send(self, message: Message) -> None: ...
 
     async def close(self) -> None: ...
 
 
 def digest(
     sender: str, recipient: str, notifications: Sequence[tuple[str, Notification]]
-) -> EmailMessage:
-    """One email listing every notification of a batch, each with its message id."""
-    message = EmailMessage()
+) -> Message:
+    """One email listing every notification of a batch, each with its message id.
+
+    Built with the email package's compat32 API: the modern `EmailMessage` parses every
+    header it is given, which took 550 µs a digest against 85 here (a fifth of the
+    notifications pipeline's CPU when digests are small)."""
     count = len(notifications)
-    message["From"] = sender
-    message["To"] = recipient
-    message["Subject"] = f"Your {count} ticket notification{'s' if count != 1 else ''}"
-    message["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or None)
     lines = [
         f"Hello {recipient},",
         "",
@@ -45,8 +46,19 @@ def digest(
         event = notification.details.get("event")
         what = f"your {event} ticket is booked" if event else f"{notification.type} notification"
         lines.append(f"- {what} (ref {message_id})")
-    message.set_content("\n".join([*lines, "", "-- ingest tickets"]))
+    text = "\n".join([*lines, "", "-- ingest tickets", ""])
+    # Plain 7-bit text when it is ASCII, else UTF-8 in quoted-printable (readable).
+    message = MIMENonMultipart("text", "plain")
+    message.set_payload(text, "us-ascii" if text.isascii() else _UTF8_QUOTED_PRINTABLE)
+    message["From"] = sender
+    message["To"] = recipient  # non-ASCII headers are encoded (RFC 2047) when sent
+    message["Subject"] = f"Your {count} ticket notification{'s' if count != 1 else ''}"
+    message["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or None)
     return message
+
+
+_UTF8_QUOTED_PRINTABLE = Charset("utf-8")
+_UTF8_QUOTED_PRINTABLE.body_encoding = QP
 
 
 class SmtpMailer:
@@ -71,16 +83,16 @@ class SmtpMailer:
         self._idle: list[aiosmtplib.SMTP] = []
         self._local_hostname: str | None = None
 
-    async def send(self, message: EmailMessage) -> None:
+    async def send(self, message: Message) -> None:
         client = self._idle.pop() if self._idle else None
         try:
             if client is None or not client.is_connected:
                 client = await self._connect()
             try:
-                await client.send_message(message)
+                await self._send(client, message)
             except aiosmtplib.SMTPServerDisconnected:
                 client = await self._connect()
-                await client.send_message(message)
+                await self._send(client, message)
         except BaseException:
             if client is not None:
                 client.close()
@@ -94,6 +106,11 @@ class SmtpMailer:
         idle, self._idle = self._idle, []
         for client in idle:
             await _quit(client)
+
+    @staticmethod
+    async def _send(client: aiosmtplib.SMTP, message: Message) -> None:
+        # Sender and recipient given: aiosmtplib would otherwise parse them from headers.
+        await client.send_message(message, sender=message["From"], recipients=[message["To"]])
 
     async def _connect(self) -> aiosmtplib.SMTP:
         if self._local_hostname is None:
@@ -127,13 +144,13 @@ class OutboxMailer:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    async def send(self, message: EmailMessage) -> None:
+    async def send(self, message: Message) -> None:
         await asyncio.to_thread(self._write, message)
 
     async def close(self) -> None:
         """Nothing held open."""
 
-    def _write(self, message: EmailMessage) -> None:
+    def _write(self, message: Message) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
         name = f"{stamp}-{uuid.uuid4().hex[:8]}.eml"

@@ -68,7 +68,8 @@ class NotificationHandlers(Handlers):
             if fresh:
                 await self.mailer.send(digest(self.sender, recipient, fresh))
                 await self.db.record_sent(recipient, [mid for mid, _ in fresh])
-        logger.info(
+        # Debug: not a line per digest on the success path (the metrics count them).
+        logger.debug(
             "digest sent" if fresh else "digest skipped: all sent before",
             recipient=recipient,
             notifications=len(fresh),
