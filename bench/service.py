@@ -25,7 +25,7 @@ per scenario what it checks. Timed from the start of the drain to its last ackno
 notifications from the first delivery, with and without the last batch window.
 
     python bench/service.py [--messages 100000] [--notifications 100000] [--recipients 1000]
-                            [--scenario NAME ...] [--postgres URL]
+                            [--notifications-prefetch N] [--scenario NAME ...] [--postgres URL]
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ class Drain:
     pipeline: str = "bookings"
     database_url: str = ""
     smtp_url: str = ""
+    prefetch: int | None = None  # notifications: None is the pipeline's own (100)
 
     @property
     def notifications_queue(self) -> str:
@@ -190,7 +191,10 @@ async def hosted(
         smtp_url=drain.smtp_url or None,
         pipelines={
             "bookings": {"queue": drain.queue},
-            "notifications": {"queue": drain.notifications_queue},
+            "notifications": {
+                "queue": drain.notifications_queue,
+                "prefetch_count": drain.prefetch,
+            },
         },
     )
     item = build(settings, [drain.pipeline])[drain.pipeline]
@@ -452,6 +456,7 @@ class Run:
     messages: int
     notifications: int
     recipients: int
+    notifications_prefetch: int | None = None
     broker_pid: int | None = None
     postgres_error: str | None = None
     rng: random.Random = field(default_factory=lambda: random.Random(11))
@@ -493,9 +498,21 @@ def run_scenario(run: Run, scenario: str) -> dict[str, Any]:
         smtp: SmtpServer | None = None
         if scenario == "notifications_smtp":
             smtp = cleanup.enter_context(smtp_server(directory))
-            drain = Drain(run.url, queue, run.notifications, "notifications", sqlite, smtp.url)
+            drain = Drain(
+                run.url,
+                queue,
+                run.notifications,
+                "notifications",
+                sqlite,
+                smtp.url,
+                run.notifications_prefetch,
+            )
             messages, expected = notification_messages(run.notifications, run.recipients, run.rng)
-            extra = {"recipients": run.recipients, "database": "sqlite"}
+            extra = {
+                "recipients": run.recipients,
+                "prefetch": run.notifications_prefetch or "default (100)",
+                "database": "sqlite",
+            }
         else:
             messages = booking_messages(run.messages, run.rng)
             if scenario.startswith("bookings"):
@@ -579,6 +596,11 @@ def main() -> None:
     parser.add_argument("--notifications", type=int, default=100_000)
     parser.add_argument("--recipients", type=int, default=1_000)
     parser.add_argument(
+        "--notifications-prefetch",
+        type=int,
+        help="the notifications pipeline's prefetch_count (default: its own, 100)",
+    )
+    parser.add_argument(
         "--url", default=os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
     )
     parser.add_argument("--postgres", default=os.environ.get("POSTGRES_URL", POSTGRES_URL))
@@ -596,7 +618,14 @@ def main() -> None:
         return
     # SIGTERM as Ctrl-C: the queues, databases and processes made so far are cleaned up.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    run = Run(args.url, args.postgres, args.messages, args.notifications, args.recipients)
+    run = Run(
+        args.url,
+        args.postgres,
+        args.messages,
+        args.notifications,
+        args.recipients,
+        args.notifications_prefetch,
+    )
     run.broker_pid = find_broker_pid()
     scenarios = args.scenario or SCENARIOS
     if any("postgresql" in scenario for scenario in scenarios):
