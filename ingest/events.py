@@ -18,6 +18,8 @@ EventKind = Literal[
     "pipeline.start",
     "pipeline.stop",
     "pipeline.crash",
+    "pipeline.pause",
+    "pipeline.resume",
     "processor.start",
     "processor.stop",
     "processor.exception",
@@ -50,6 +52,8 @@ class Event:
       when the acknowledger raised (nothing was acknowledged; a broker redelivers).
     - `pipeline.crash`: an exception escaped a stage (a bug, not a message's failure);
       the pipeline is restarted or, past its restart limit, fails.
+    - `pipeline.pause` / `pipeline.resume`: the producer stopped / started taking
+      messages in; `reason` says who asked (`paused`: `Pipeline.pause()`; `circuit open`).
     - `*.exception` carry the exception; `*.stop` carry `duration` in seconds.
 
     `stage` names the worker (`processor_0`, `batch_processor_email_2`); `stage_kind` says
@@ -67,6 +71,7 @@ class Event:
     batch_info: BatchInfo | None = None
     exception: BaseException | None = None
     durations: Sequence[float] = ()
+    reason: str | None = None
 
 
 # The events emitted for every message: built only while a subscriber asks for them

@@ -6,17 +6,24 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
+import structlog
+
 from ingest._processor import PROCESSOR_KEY, PROCESSOR_STAGE
 from ingest._rate_limiter import RateLimiter
 from ingest._supervisor import State, Supervisor
-from ingest.events import Event, EventBus
+from ingest.events import Event, EventBus, EventKind
+from ingest.exceptions import ConfigurationError
 from ingest.handlers import Handlers, overrides
 from ingest.options import Batcher, Processors, RateLimiting, positive_seconds
-from ingest.producer import BoundProducer, PipelineShape, Producer
+from ingest.producer import BoundProducer, PausableProducer, PipelineShape, Producer
 from ingest.topology import StageGroup, Topology
 from ingest.typing import PartitionBy
 
-__all__ = ["Pipeline", "State"]
+__all__ = ["PAUSED", "Pipeline", "State"]
+
+logger = structlog.get_logger("ingest.pipeline")
+
+PAUSED = "paused"  # the hold of pause() / resume()
 
 
 class Pipeline:
@@ -103,6 +110,8 @@ class Pipeline:
         self._supervisor = Supervisor(self)
         self._stop_called = False
         self._stopped = asyncio.Event()
+        self._holds: set[str] = set()
+        self._holding = asyncio.Lock()
 
     @property
     def state(self) -> State:
@@ -148,6 +157,65 @@ class Pipeline:
                 interval=current.interval if interval is None else interval,
             )
         )
+
+    # -- pause and resume ----------------------------------------------------------------
+
+    @property
+    def holds(self) -> frozenset[str]:
+        """Why the producer takes no messages in: `paused` (pause()), `circuit open`, ...;
+        empty while it takes them."""
+        return frozenset(self._holds)
+
+    @property
+    def paused(self) -> bool:
+        return PAUSED in self._holds
+
+    async def pause(self) -> None:
+        """Stop taking messages in (a RabbitMQ consumer cancels with basic.cancel); what
+        the pipeline holds goes on and is acknowledged. It stays paused across restarts,
+        until resume(). ConfigurationError if the producer cannot pause."""
+        await self.hold(PAUSED)
+
+    async def resume(self) -> None:
+        await self.release(PAUSED)
+
+    async def hold(self, reason: str) -> None:
+        """Stop taking messages in for `reason`. Several reasons may hold at once (an
+        operator's pause, an open circuit): messages come in again once none does."""
+        producer = self._pausable()
+        async with self._holding:
+            if reason in self._holds:
+                return
+            self._holds.add(reason)
+            if len(self._holds) == 1:
+                await producer.pause()
+        logger.info("pipeline holds its intake", pipeline=self.name, reason=reason)
+        self._emit_hold("pipeline.pause", reason)
+
+    async def release(self, reason: str) -> None:
+        """Drop the hold `reason`; messages come in again once no other holds."""
+        producer = self._pausable()
+        async with self._holding:
+            if reason not in self._holds:
+                return
+            self._holds.discard(reason)
+            if not self._holds:
+                await producer.resume()
+        logger.info(
+            "pipeline releases its intake", pipeline=self.name, reason=reason, still=self.holds
+        )
+        self._emit_hold("pipeline.resume", reason)
+
+    def _pausable(self) -> PausableProducer:
+        if not isinstance(self.producer, PausableProducer):
+            raise ConfigurationError(
+                f"pipeline {self.name!r}: {type(self.producer).__name__} cannot pause"
+            )
+        return self.producer
+
+    def _emit_hold(self, kind: EventKind, reason: str) -> None:
+        if self.events:
+            self.events.emit(Event(kind, self.name, "pipeline", "pipeline", reason=reason))
 
     # -- topology ------------------------------------------------------------------------
 

@@ -54,6 +54,17 @@ class Producer(Protocol):
     async def close(self) -> None: ...
 
 
+@runtime_checkable
+class PausableProducer(Protocol):
+    """A producer that can stop taking messages in and take them again without stopping
+    (RabbitMQ: basic.cancel, then basic.consume); what it delivered before goes on through
+    the pipeline. Paused, it stays paused across a restart (close, start) until resumed."""
+
+    async def pause(self) -> None: ...
+
+    async def resume(self) -> None: ...
+
+
 # When a producer bounds what it leaves unacknowledged (a broker's prefetch), the oldest
 # open batch closes early once open batches hold this share of the bound (the batcher
 # stage), so that many dynamic batch keys cannot take it all and stall the pipeline. This

@@ -38,6 +38,8 @@ class CsvFileProducer:
         self.failed = 0
         self._done_reading = False
         self._draining = False
+        self._flowing = asyncio.Event()  # cleared while paused
+        self._flowing.set()
         self._task: asyncio.Task[None] | None = None
         self._errors: IO[str] | None = None
         self._writer: Any = None
@@ -55,7 +57,8 @@ class CsvFileProducer:
     async def _feed(self, sink: Sink) -> None:
         lines = _numbered_lines(self.path)
         while not self._draining:
-            chunk = await asyncio.to_thread(_take, lines, _CHUNK)
+            await self._flowing.wait()  # drain() sets it too: the loop's test ends it
+            chunk = await asyncio.to_thread(_take, lines, _CHUNK) if not self._draining else []
             if not chunk:
                 break
             messages = [
@@ -101,8 +104,16 @@ class CsvFileProducer:
         if self._done_reading and self.successful + self.failed >= self.read:
             self.finished.set()
 
+    async def pause(self) -> None:
+        """Read no further rows until resumed (those read go on)."""
+        self._flowing.clear()
+
+    async def resume(self) -> None:
+        self._flowing.set()
+
     async def drain(self) -> None:
         self._draining = True
+        self._flowing.set()  # a paused reader wakes up to end
 
     async def close(self) -> None:
         if self._task is not None and not self._task.done():

@@ -3,6 +3,7 @@ DummyProducer)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from ingest.exceptions import ProducerNotRunning
@@ -12,11 +13,14 @@ from ingest.producer import Sink
 
 class InMemoryProducer:
     """A producer fed by `await producer.push(messages)`, which waits while the
-    processors' buffers are full (backpressure, nothing queued without bound)."""
+    processors' buffers are full (backpressure, nothing queued without bound) and while
+    the producer is paused."""
 
     def __init__(self) -> None:
         self._sink: Sink | None = None
         self._draining = False
+        self._flowing = asyncio.Event()  # cleared while paused
+        self._flowing.set()
 
     async def start(self, sink: Sink) -> None:
         self._sink = sink
@@ -26,10 +30,20 @@ class InMemoryProducer:
         if self._sink is None or self._draining:
             state = "draining" if self._draining else "not started"
             raise ProducerNotRunning(f"cannot push: the pipeline is {state}")
+        await self._flowing.wait()
+        if self._sink is None or self._draining:
+            raise ProducerNotRunning("cannot push: the pipeline stopped while paused")
         await self._sink.push(messages)
+
+    async def pause(self) -> None:
+        self._flowing.clear()
+
+    async def resume(self) -> None:
+        self._flowing.set()
 
     async def drain(self) -> None:
         self._draining = True
+        self._flowing.set()  # a push waiting while paused ends, refused
 
     async def close(self) -> None:
         self._sink = None

@@ -16,8 +16,9 @@ from ingest.producer import Sink
 from ingest.rabbitmq import _fastpath as fastpath
 from ingest.rabbitmq._backoff import reconnect_delay
 from ingest.rabbitmq._connection import CONNECTION_ERRORS, open_connection
+from ingest.rabbitmq._declare import declare
 from ingest.rabbitmq._metadata import metadata_reader
-from ingest.rabbitmq.acknowledger import ChannelAcknowledger, Delivery, retry_queue_name
+from ingest.rabbitmq.acknowledger import ChannelAcknowledger, Delivery
 from ingest.rabbitmq.options import RabbitMQOptions, redact
 from ingest.rabbitmq.stats import ProducerStats
 
@@ -64,6 +65,7 @@ class Consumer:
         prefetch_count: int,
         stats: ProducerStats,
         sink: Sink,
+        held: bool = False,
     ) -> None:
         self.options = options
         self.index = index
@@ -84,6 +86,7 @@ class Consumer:
         self._waiting: list[Message] = []
         self._backlog = asyncio.Event()  # set while messages wait for room, in _waiting
         self._paused = False  # no_ack: consuming stopped until the waiting ones are taken
+        self._held = held  # paused by the pipeline (an operator, an open circuit)
         self._log = logger.bind(queue=options.queue, producer=index)
 
     @property
@@ -156,7 +159,7 @@ class Consumer:
         )
         if options.after_connect is not None:
             await options.after_connect(channel)
-        await self._declare(channel)
+        await declare(channel, options)
         self._cancelled_by_broker = asyncio.Event()
         channel.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
         self._channel = channel
@@ -174,9 +177,33 @@ class Consumer:
         )
         self._on_consume = fastpath.ignore if direct else self._on_delivery
         self._paused = False
+        if self._held:
+            self._log.info("connected; not consuming while the pipeline is paused")
+            return
         await self._consume(channel)
         self.consuming.set()
         self._log.info("consuming", prefetch_count=self.prefetch_count)
+
+    async def hold(self) -> None:
+        """Stop consuming (basic.cancel) until release(), across reconnects too; what was
+        delivered goes on and is acknowledged."""
+        self._held = True
+        self.consuming.clear()
+        await self._cancel()
+
+    async def release(self) -> None:
+        self._held = False
+        channel = self._channel
+        if channel is None or channel.is_closed or self._draining or self._paused:
+            return  # the reconnect, or the end of the no_ack pause, consumes
+        if self._consumer_tag is None:
+            try:
+                await self._consume(channel)
+            except RETRYABLE as exc:
+                self._log.warning("resuming the consumer failed; reconnecting", error=repr(exc))
+                await channel.close()
+                return
+        self.consuming.set()
 
     async def _consume(self, channel: aiormq.abc.AbstractChannel) -> None:
         options = self.options
@@ -189,39 +216,6 @@ class Consumer:
             consumer_tag=options.consumer_tag,
         )
         self._consumer_tag = ok.consumer_tag
-
-    async def _declare(self, channel: aiormq.abc.AbstractChannel) -> None:
-        options = self.options
-        declare = options.declare
-        if declare is not None:
-            await channel.queue_declare(
-                options.queue,
-                durable=declare.durable,
-                auto_delete=declare.auto_delete,
-                exclusive=declare.exclusive,
-                passive=declare.passive,
-                arguments=dict(declare.arguments),
-            )
-        if options.dlq_name:
-            await channel.queue_declare(options.dlq_name, durable=True)
-        if options.retry is not None:
-            for delay in sorted(set(options.retry.delays)):
-                await channel.queue_declare(
-                    retry_queue_name(options.queue, delay),
-                    durable=True,
-                    arguments={
-                        "x-message-ttl": round(delay * 1000),
-                        "x-dead-letter-exchange": "",
-                        "x-dead-letter-routing-key": options.queue,
-                    },
-                )
-        for binding in options.bindings:
-            await channel.queue_bind(
-                options.queue,
-                binding.exchange,
-                routing_key=binding.routing_key,
-                arguments=dict(binding.arguments),
-            )
 
     async def _wait_for_loss(self) -> None:
         assert self._channel is not None
@@ -319,7 +313,7 @@ class Consumer:
     async def _resume(self) -> None:
         self._paused = False
         channel = self._channel
-        if channel is None or channel.is_closed:
+        if channel is None or channel.is_closed or self._held:
             return
         if not self._draining:
             try:

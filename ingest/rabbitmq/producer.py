@@ -26,6 +26,7 @@ class RabbitMQProducer:
         self.stats = ProducerStats()
         self.prefetch_count = options.prefetch_count or 50
         self._consumers: list[Consumer] = []
+        self._held = False
 
     @property
     def ready(self) -> bool:
@@ -55,7 +56,7 @@ class RabbitMQProducer:
         # starts it again, and nothing of the closed connections' state may carry over.
         options = self.options
         self._consumers = [
-            Consumer(options.for_producer(i), i, self.prefetch_of(i), self.stats, sink)
+            Consumer(options.for_producer(i), i, self.prefetch_of(i), self.stats, sink, self._held)
             for i in range(options.concurrency)
         ]
         for consumer in self._consumers:
@@ -66,6 +67,16 @@ class RabbitMQProducer:
         async with asyncio.timeout(timeout):
             for consumer in self._consumers:
                 await consumer.consuming.wait()
+
+    async def pause(self) -> None:
+        """Stop consuming (basic.cancel on every consumer) until resume(), across
+        reconnects and restarts; deliveries already made go on and are acknowledged."""
+        self._held = True
+        await asyncio.gather(*(consumer.hold() for consumer in self._consumers))
+
+    async def resume(self) -> None:
+        self._held = False
+        await asyncio.gather(*(consumer.release() for consumer in self._consumers))
 
     async def drain(self) -> None:
         await asyncio.gather(*(consumer.drain() for consumer in self._consumers))

@@ -18,7 +18,7 @@ from ingest.pipeline import Pipeline
 from ingest.producers.csv_file import CsvFileProducer
 from ingest.rabbitmq.producer import RabbitMQProducer
 from ingest.rabbitmq.stats import ProducerStats
-from ingest.service.http import HealthServer
+from ingest.service.http import HttpServer
 from ingest.service.logging import FAILURE_EVENTS, log_failures
 from ingest.service.metrics import Metrics
 from ingest.service.settings import Settings
@@ -53,6 +53,8 @@ class HostedPipeline:
         consuming."""
         pipeline = self.pipeline
         state = pipeline.state
+        if state == "running" and pipeline.holds:
+            return ", ".join(sorted(pipeline.holds))  # "paused", "circuit open"
         if state == "running":
             return None if self.ready() else "not consuming: no broker connection"
         if state in ("restarting", "failed"):
@@ -146,11 +148,13 @@ async def serve(
     for item in hosted.values():
         metrics.watch(item.pipeline, item.ready, item.stats)
         item.pipeline.events.subscribe(log_failures, kinds=FAILURE_EVENTS)
-    http = HealthServer(
+    http = HttpServer(
         settings.http_host,
         settings.http_port,
         metrics.registry,
         {name: item.not_ready for name, item in hosted.items()},
+        {name: item.pipeline for name, item in hosted.items()},
+        settings.admin_token.get_secret_value() if settings.admin_token else None,
     )
     try:
         await http.start()

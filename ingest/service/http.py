@@ -1,24 +1,36 @@
-"""The service's one small HTTP server: /metrics, /healthz, /readyz."""
+"""The service's HTTP server (aiohttp): metrics, health and readiness for everyone, and
+the actions that change something for whoever holds the admin token.
+
+aiohttp's server rather than a hand-written one: it runs in the event loop the pipelines
+already run in, and request limits (header sizes, body size, slow clients) are its
+settings, not our code. Starlette would need uvicorn's server beside it for the same.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections.abc import Callable, Mapping
+import hmac
+from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from ingest.exceptions import ConfigurationError
+from ingest.pipeline import Pipeline
 
 logger = structlog.get_logger("ingest.service.http")
 
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class HealthServer:
-    """`GET /metrics` (Prometheus text format), `GET /healthz` (the process answers) and
+class HttpServer:
+    """`GET /metrics` (Prometheus text format), `GET /healthz` (the process answers),
     `GET /readyz` (200 only while every pipeline is ready; the body says which is not and
-    why). `readiness` maps each pipeline to a function returning why it is not ready, or
-    None."""
+    why), and under `Authorization: Bearer <admin token>`
+    `POST /pipelines/{name}/pause|resume`. Without an admin token configured, the
+    mutating endpoints answer 403 and say so.
+
+    `readiness` maps each pipeline to a function returning why it is not ready, or None."""
 
     def __init__(
         self,
@@ -26,66 +38,91 @@ class HealthServer:
         port: int,
         registry: CollectorRegistry,
         readiness: Mapping[str, Callable[[], str | None]],
+        pipelines: Mapping[str, Pipeline],
+        admin_token: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.registry = registry
         self.readiness = readiness
-        self._server: asyncio.Server | None = None
+        self.pipelines = pipelines
+        self._admin_token = admin_token.encode() if admin_token else None
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_post("/pipelines/{name}/pause", self._admin(self._pause))
+        app.router.add_post("/pipelines/{name}/resume", self._admin(self._resume))
+        self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
         # Port 0 picks a free one: report the real port.
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.port = self._runner.addresses[0][1]
         logger.info("http server listening", host=self.host, port=self.port)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        await self._runner.cleanup()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    # -- read-only ------------------------------------------------------------------------
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(self.registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        reasons = {name: not_ready() for name, not_ready in self.readiness.items()}
+        body: dict[str, object] = {"ready": {n: r is None for n, r in reasons.items()}}
+        problems = {name: reason for name, reason in reasons.items() if reason is not None}
+        if problems:
+            body["not_ready"] = problems
+        return web.json_response(body, status=200 if reasons and not problems else 503)
+
+    # -- admin ----------------------------------------------------------------------------
+
+    def _admin(self, handler: Handler) -> Handler:
+        """`handler` behind the admin token, compared in constant time."""
+
+        async def authorized(request: web.Request) -> web.StreamResponse:
+            if self._admin_token is None:
+                return _error(403, "admin endpoints are off: set INGEST_ADMIN_TOKEN to use them")
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), self._admin_token
+            ):
+                response = _error(401, "a valid admin token is needed: Authorization: Bearer ...")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
+            return await handler(request)
+
+        return authorized
+
+    async def _pause(self, request: web.Request) -> web.Response:
+        return await self._hold(request, pause=True)
+
+    async def _resume(self, request: web.Request) -> web.Response:
+        return await self._hold(request, pause=False)
+
+    async def _hold(self, request: web.Request, *, pause: bool) -> web.Response:
+        name = request.match_info["name"]
+        pipeline = self.pipelines.get(name)
+        if pipeline is None:
+            return _error(404, f"no pipeline {name!r}; running: {', '.join(self.pipelines)}")
         try:
-            async with asyncio.timeout(10):
-                request = await reader.readline()
-                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    pass  # headers are not needed
-            parts = request.decode("latin-1").split()
-            status, content_type, body = (
-                self._respond(*parts[:2])
-                if len(parts) >= 2
-                else (
-                    405,
-                    "text/plain",
-                    b"bad request\n",
-                )
-            )
-            writer.write(
-                f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"
-                f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-                f"Connection: close\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+            await (pipeline.pause() if pause else pipeline.resume())
+        except ConfigurationError as error:
+            return _error(409, str(error))
+        logger.info("paused" if pause else "resumed", pipeline=name, by="http")
+        return web.json_response(
+            {"pipeline": name, "paused": pipeline.paused, "holds": sorted(pipeline.holds)}
+        )
 
-    def _respond(self, method: str, target: str) -> tuple[int, str, bytes]:
-        if method != "GET":
-            return 405, "text/plain", b"only GET\n"
-        path = target.split("?", 1)[0]
-        if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
-        if path == "/healthz":
-            return 200, "text/plain", b"ok\n"
-        if path == "/readyz":
-            reasons = {name: not_ready() for name, not_ready in self.readiness.items()}
-            body: dict[str, object] = {"ready": {n: r is None for n, r in reasons.items()}}
-            problems = {name: reason for name, reason in reasons.items() if reason is not None}
-            if problems:
-                body["not_ready"] = problems
-            status = 200 if reasons and not problems else 503
-            return status, "application/json", json.dumps(body).encode() + b"\n"
-        return 404, "text/plain", b"not found\n"
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)

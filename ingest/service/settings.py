@@ -104,6 +104,7 @@ class Settings(BaseSettings):
     mail_from: str = "tickets@ingest.local"
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65535)
+    admin_token: SecretStr | None = None
     log_format: Literal["json", "console"] = "console"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     shutdown_timeout: PositiveFloat = 30.0
