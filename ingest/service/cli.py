@@ -1,4 +1,4 @@
-"""The `ingest` command line: run, publish, topology."""
+"""The `ingest` command line: run, publish, topology, pause, resume."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pydantic_settings import SettingsError
 from ingest.exceptions import ConfigurationError, PipelineFailed, PublishError, StartupError
 from ingest.rabbitmq.options import redact
 from ingest.rabbitmq.publisher import OutgoingMessage, Publisher
+from ingest.service import control
 from ingest.service.hosting import build, serve
 from ingest.service.logging import configure_logging
 from ingest.service.settings import Settings
@@ -60,6 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--payload", metavar="TEXT", help="one message with this body")
 
     commands.add_parser("topology", help="print every pipeline's stages and concurrency")
+
+    for action, what in (("pause", "stop"), ("resume", "restart")):
+        control = commands.add_parser(
+            action,
+            help=f"{what} consuming in a running service (needs INGEST_ADMIN_TOKEN)",
+        )
+        control.add_argument("pipeline")
+        control.add_argument(
+            "--url",
+            action="append",
+            metavar="URL",
+            help="the service's HTTP address (repeatable; default: INGEST_HTTP_HOST:PORT)",
+        )
+        control.add_argument(
+            "--workers",
+            type=int,
+            default=1,
+            metavar="N",
+            help="reach the N workers of `ingest run --workers N` (ports PORT..PORT+N-1)",
+        )
     return parser
 
 
@@ -81,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(settings, args.pipeline, args.file)
         if args.command == "publish":
             return asyncio.run(_publish(settings, args))
+        if args.command in ("pause", "resume"):
+            urls = control.service_urls(settings, args.url, args.workers)
+            return control.hold(settings, args.pipeline, args.command == "pause", urls)
         return _topology(settings)
     except ConfigurationError as error:
         return _fail(str(error), 2)

@@ -185,12 +185,18 @@ class _SupervisionCollector(Collector):
             "1 for the state the pipeline is in (running, restarting, failed, ...)",
             labels=["pipeline", "state"],
         )
+        paused = GaugeMetricFamily(
+            "ingest_pipeline_paused",
+            "1 while an operator has paused the pipeline (ingest pause, POST .../pause)",
+            labels=["pipeline"],
+        )
         for name, watched in self._watched.items():
             pipeline = watched.pipeline
             restarts.add_metric([name], pipeline.crashes)
             for state in self.STATES:
                 states.add_metric([name, state], 1.0 if pipeline.state == state else 0.0)
-        yield from (restarts, states)
+            paused.add_metric([name], 1.0 if pipeline.paused else 0.0)
+        yield from (restarts, states, paused)
 
 
 class _FrameCollector(Collector):
