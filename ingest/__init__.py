@@ -5,7 +5,14 @@ from ingest.batch_info import BatchInfo, BatchTrigger
 from ingest.events import Event, EventBus
 from ingest.handlers import Handlers
 from ingest.message import OK, BatchMode, Failed, Message, Ok, Status
-from ingest.options import Batcher, CustomBatchSize, Processors, RateLimiting, byte_budget
+from ingest.options import (
+    Batcher,
+    CircuitBreaker,
+    CustomBatchSize,
+    Processors,
+    RateLimiting,
+    byte_budget,
+)
 from ingest.pipeline import Pipeline
 from ingest.producer import Producer, Sink
 from ingest.producers.memory import InMemoryProducer
@@ -19,6 +26,7 @@ __all__ = [
     "BatchMode",
     "BatchTrigger",
     "Batcher",
+    "CircuitBreaker",
     "CustomBatchSize",
     "Event",
     "EventBus",

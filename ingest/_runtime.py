@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from ingest._buffer import Buffer
+from ingest._circuit import Circuit
 from ingest._rate_limiter import RateLimiter
 from ingest.acknowledger import group_by_acknowledger
 from ingest.batch_info import BatchTrigger
@@ -42,6 +44,7 @@ class Runtime:
     handler_timeout: float | None
     partition_by: PartitionBy | None
     rate_limiter: RateLimiter | None
+    circuit: Circuit | None = None
     batcher_inboxes: dict[str, Buffer[Message]] = field(default_factory=dict)
     received: int = 0
     settled: int = 0
@@ -61,6 +64,8 @@ class Runtime:
         per acknowledger."""
         if failed:
             await self._handle_failed(stage, stage_kind, failed)
+        if self.circuit is not None:
+            await self._count(self.circuit, successful, failed)
         for acknowledger, ok, bad in group_by_acknowledger(successful, failed):
             kind: EventKind = "ack"
             error: BaseException | None = None
@@ -92,6 +97,19 @@ class Runtime:
                     )
                 )
         self.settled += len(successful) + len(failed)
+
+    @staticmethod
+    async def _count(circuit: Circuit, successful: list[Message], failed: list[Message]) -> None:
+        """Tell the circuit breaker the outcome. While it is open, what raised is requeued
+        without counting an attempt: the dependency failed, not the message."""
+        raised = [m for m in failed if isinstance(m.status, Failed) and m.status.exception]
+        was_open = circuit.is_open
+        await circuit.record(len(successful) + len(failed), len(raised))
+        if was_open:
+            for message in raised:
+                # An acknowledger that refuses requeue keeps the message's own action.
+                with contextlib.suppress(ValueError):
+                    message.configure_ack(on_failure="reject_and_requeue")
 
     async def _handle_failed(
         self, stage: str, stage_kind: StageKind, failed: list[Message]

@@ -226,6 +226,7 @@ class Supervisor:
             handler_timeout=pipeline.handler_timeout,
             partition_by=pipeline.partition_by,
             rate_limiter=pipeline._rate_limiter,
+            circuit=pipeline._circuit,
         )
         resume_at = processors.max_demand - processors.effective_min_demand
         # A producer that holds N unacknowledged messages (a broker's prefetch) can always
@@ -250,6 +251,8 @@ class Supervisor:
             stages.processors.append(
                 spawn(run_processor(rt, worker, inbox, processors.max_demand), worker)
             )
+        if pipeline._circuit is not None:
+            stages.timers.append(spawn(pipeline._circuit.run(), "circuit"))
         self._runtime, self._stages = rt, stages
         return Intake(rt, inboxes, processors.concurrency, spawn)
 

@@ -31,6 +31,7 @@ class Stages:
     batcher_inboxes: list[Buffer[Message]] = field(default_factory=list)
     batchers: list[asyncio.Task[None]] = field(default_factory=list)
     batch_processors: list[asyncio.Task[None]] = field(default_factory=list)
+    timers: list[asyncio.Task[None]] = field(default_factory=list)  # cancelled last
 
     def all_tasks(self) -> list[asyncio.Task[None]]:
         return [*self.processors, *self.batchers, *self.batch_processors]
@@ -66,6 +67,9 @@ async def shut_down(rt: Runtime, producer: Producer, stages: Stages, timeout: fl
             task.cancel()
         await asyncio.gather(*stages.all_tasks(), return_exceptions=True)
     finally:
+        for timer in stages.timers:
+            timer.cancel()
+        await asyncio.gather(*stages.timers, return_exceptions=True)
         await close_within(producer.close(), log, "producer close")
     log.info("stopped", unacknowledged=rt.in_flight)
 

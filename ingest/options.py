@@ -130,3 +130,38 @@ class RateLimiting:
     def __post_init__(self) -> None:
         positive_int("rate_limiting", "allowed_messages", self.allowed_messages)
         positive_seconds("rate_limiting", "interval", self.interval)
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreaker:
+    """Stop consuming while a dependency is down, instead of failing every message::
+
+        CircuitBreaker(failure_ratio=0.5, min_messages=20, window=10.0)
+
+    It counts the messages settled within the last `window` seconds and those of them that
+    failed because a hook raised (not those failed on purpose, `message.failed(reason)`).
+    Once at least `min_messages` were settled and `failure_ratio` of them raised, it opens:
+    the pipeline holds its intake (basic.cancel), finishes what it has, and messages that
+    raise while it is open are requeued without counting an attempt (`reject_and_requeue`).
+    After `open_delay` seconds (doubling at each new opening, up to `max_open_delay`) it is
+    half-open: messages flow again and count as usual; `probes` successes in a row close it,
+    one more message raising opens it again.
+    """
+
+    failure_ratio: float = 0.5
+    min_messages: int = 20
+    window: float = 10.0
+    open_delay: float = 5.0
+    max_open_delay: float = 60.0
+    probes: int = 5
+
+    def __post_init__(self) -> None:
+        ratio = self.failure_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
+            raise ValueError(f"circuit_breaker: failure_ratio must be in (0, 1], got {ratio!r}")
+        positive_int("circuit_breaker", "min_messages", self.min_messages)
+        positive_int("circuit_breaker", "probes", self.probes)
+        for name in ("window", "open_delay", "max_open_delay"):
+            positive_seconds("circuit_breaker", name, getattr(self, name))
+        if self.max_open_delay < self.open_delay:
+            raise ValueError("circuit_breaker: max_open_delay must be >= open_delay")

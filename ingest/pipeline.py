@@ -8,18 +8,25 @@ from typing import Any
 
 import structlog
 
+from ingest._circuit import CIRCUIT_OPEN, Circuit, CircuitState
 from ingest._processor import PROCESSOR_KEY, PROCESSOR_STAGE
 from ingest._rate_limiter import RateLimiter
 from ingest._supervisor import State, Supervisor
 from ingest.events import Event, EventBus, EventKind
 from ingest.exceptions import ConfigurationError
 from ingest.handlers import Handlers, overrides
-from ingest.options import Batcher, Processors, RateLimiting, positive_seconds
+from ingest.options import (
+    Batcher,
+    CircuitBreaker,
+    Processors,
+    RateLimiting,
+    positive_seconds,
+)
 from ingest.producer import BoundProducer, PausableProducer, PipelineShape, Producer
 from ingest.topology import StageGroup, Topology
 from ingest.typing import PartitionBy
 
-__all__ = ["PAUSED", "Pipeline", "State"]
+__all__ = ["CIRCUIT_OPEN", "PAUSED", "CircuitState", "Pipeline", "State"]
 
 logger = structlog.get_logger("ingest.pipeline")
 
@@ -54,6 +61,7 @@ class Pipeline:
         context: Any = None,
         partition_by: PartitionBy | None = None,
         rate_limiting: RateLimiting | None = None,
+        circuit_breaker: CircuitBreaker | None = None,
         shutdown_timeout: float = 30.0,
         handler_timeout: float | None = None,
         max_restarts: int = 3,
@@ -89,6 +97,10 @@ class Pipeline:
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
             raise ValueError(f"pipeline: max_restarts must be an int >= 0, got {max_restarts!r}")
         positive_seconds("pipeline", "max_seconds", max_seconds)
+        if circuit_breaker is not None and not isinstance(producer, PausableProducer):
+            raise TypeError(
+                f"a circuit breaker pauses the producer: {type(producer).__name__} cannot pause"
+            )
 
         self.name = name
         self.handlers = handlers
@@ -112,6 +124,16 @@ class Pipeline:
         self._stopped = asyncio.Event()
         self._holds: set[str] = set()
         self._holding = asyncio.Lock()
+        self._circuit = (
+            Circuit(
+                name,
+                circuit_breaker,
+                lambda: self.hold(CIRCUIT_OPEN),
+                lambda: self.release(CIRCUIT_OPEN),
+            )
+            if circuit_breaker is not None
+            else None
+        )
 
     @property
     def state(self) -> State:
@@ -165,6 +187,11 @@ class Pipeline:
         """Why the producer takes no messages in: `paused` (pause()), `circuit open`, ...;
         empty while it takes them."""
         return frozenset(self._holds)
+
+    @property
+    def circuit_state(self) -> CircuitState | None:
+        """`closed`, `half-open` or `open`; None without a circuit breaker."""
+        return self._circuit.state if self._circuit is not None else None
 
     @property
     def paused(self) -> bool:

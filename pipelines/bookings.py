@@ -200,6 +200,7 @@ def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
         producer,
         processors=config.processor_options(Processors(concurrency=2, max_demand=50)),
         batchers=config.batcher_options(BATCHERS),
+        circuit_breaker=config.circuit_breaker_options() if source is None else None,
         shutdown_timeout=settings.shutdown_timeout,
         handler_timeout=10.0,
     )

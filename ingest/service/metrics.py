@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from ingest.events import Event, EventKind
-from ingest.pipeline import Pipeline, State
+from ingest.pipeline import CircuitState, Pipeline, State
 from ingest.rabbitmq import frame_events
 from ingest.rabbitmq.stats import ProducerStats
 
@@ -170,6 +170,7 @@ class _SupervisionCollector(Collector):
     the last when it failed) and the state, read at scrape time."""
 
     STATES: tuple[State, ...] = get_args(State)
+    CIRCUIT_STATES: tuple[CircuitState, ...] = ("closed", "half-open", "open")
 
     def __init__(self, watched: Mapping[str, Watched]) -> None:
         self._watched = watched
@@ -190,13 +191,20 @@ class _SupervisionCollector(Collector):
             "1 while an operator has paused the pipeline (ingest pause, POST .../pause)",
             labels=["pipeline"],
         )
+        circuits = GaugeMetricFamily(
+            "ingest_circuit_state",
+            "The pipeline's circuit breaker: 0 closed, 1 half-open, 2 open",
+            labels=["pipeline"],
+        )
         for name, watched in self._watched.items():
             pipeline = watched.pipeline
             restarts.add_metric([name], pipeline.crashes)
+            if pipeline.circuit_state is not None:
+                circuits.add_metric([name], self.CIRCUIT_STATES.index(pipeline.circuit_state))
             for state in self.STATES:
                 states.add_metric([name, state], 1.0 if pipeline.state == state else 0.0)
             paused.add_metric([name], 1.0 if pipeline.paused else 0.0)
-        yield from (restarts, states, paused)
+        yield from (restarts, states, paused, circuits)
 
 
 class _FrameCollector(Collector):

@@ -18,7 +18,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from ingest.options import Batcher, Processors
+from ingest.options import Batcher, CircuitBreaker, Processors
 from ingest.rabbitmq.options import RetryPolicy
 
 DEFAULT_CONFIG_FILE = Path("config/ingest.toml")
@@ -39,6 +39,20 @@ class BatcherSettings(BaseModel):
     concurrency: PositiveInt | None = None
 
 
+class CircuitBreakerSettings(BaseModel):
+    """`INGEST_PIPELINES__<NAME>__CIRCUIT_BREAKER__...`: see ingest.CircuitBreaker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    failure_ratio: PositiveFloat | None = None
+    min_messages: PositiveInt | None = None
+    window: PositiveFloat | None = None
+    open_delay: PositiveFloat | None = None
+    max_open_delay: PositiveFloat | None = None
+    probes: PositiveInt | None = None
+
+
 class PipelineSettings(BaseModel):
     """One pipeline's settings (`INGEST_PIPELINES__<NAME>__...`); unset values keep the
     pipeline's own defaults."""
@@ -52,6 +66,7 @@ class PipelineSettings(BaseModel):
     batchers: dict[str, BatcherSettings] = Field(default_factory=dict)
     retry_max_attempts: PositiveInt | None = None
     retry_delays: list[PositiveFloat] | None = None
+    circuit_breaker: CircuitBreakerSettings = Field(default_factory=CircuitBreakerSettings)
     # bookings only: events whose bookings are closed (fail with "bookings-closed").
     closed_events: list[str] = Field(default_factory=list)
 
@@ -74,6 +89,14 @@ class PipelineSettings(BaseModel):
             if values:
                 options[name] = replace(defaults[name], **values)
         return options
+
+    def circuit_breaker_options(self) -> CircuitBreaker | None:
+        """The circuit breaker (on by default, with CircuitBreaker's defaults), or None when
+        disabled."""
+        breaker = self.circuit_breaker
+        if not breaker.enabled:
+            return None
+        return CircuitBreaker(**breaker.model_dump(exclude_none=True, exclude={"enabled"}))
 
     def retry_policy(self, default: RetryPolicy) -> RetryPolicy:
         return RetryPolicy(
