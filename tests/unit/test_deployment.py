@@ -16,7 +16,7 @@ import yaml
 
 from ingest.rabbitmq import RabbitMQProducer, retry_queue_name
 from ingest.service.hosting import build
-from ingest.service.settings import PipelineSettings, Settings
+from ingest.service.settings import CircuitBreakerSettings, PipelineSettings, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -168,13 +168,18 @@ def test_the_readme_configuration_table_matches_the_settings_model() -> None:
     documented = set(re.findall(r"`((?:INGEST_|__)[A-Z_<>]+)`", table))
     expected = {f"INGEST_{name.upper()}" for name in Settings.model_fields if name != "pipelines"}
     pipeline_fields = {
-        name for name in PipelineSettings.model_fields if name not in ("processors", "batchers")
+        name
+        for name in PipelineSettings.model_fields
+        if name not in ("processors", "batchers", "circuit_breaker")
     }
     assert expected <= documented
     for name in pipeline_fields:
         assert any(d.endswith(f"__{name.upper()}") for d in documented), name
     assert "INGEST_PIPELINES__<NAME>__PROCESSORS__CONCURRENCY" in documented
     assert "INGEST_PIPELINES__<NAME>__BATCHERS__<BATCHER>__BATCH_SIZE" in documented
+    assert "INGEST_PIPELINES__<NAME>__CIRCUIT_BREAKER__ENABLED" in documented
+    for name in CircuitBreakerSettings.model_fields:
+        assert f"__{name.upper()}" in documented, name
 
 
 def test_the_example_toml_is_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
