@@ -5,6 +5,7 @@ from ingest.rabbitmq._fastpath import frame_events
 from ingest.rabbitmq.acknowledger import (
     ATTEMPTS_HEADER,
     EXCEPTION_HEADER,
+    FAILED_AT_HEADER,
     QUEUE_HEADER,
     REASON_HEADER,
     ChannelAcknowledger,
@@ -26,6 +27,7 @@ from ingest.rabbitmq.stats import ProducerStats
 __all__ = [
     "ATTEMPTS_HEADER",
     "EXCEPTION_HEADER",
+    "FAILED_AT_HEADER",
     "QUEUE_HEADER",
     "REASON_HEADER",
     "Backoff",

@@ -4,6 +4,7 @@ delayed retries and dead letters with their reason."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ ATTEMPTS_HEADER = "x-ingest-attempts"
 REASON_HEADER = "x-ingest-reason"
 EXCEPTION_HEADER = "x-ingest-exception"
 QUEUE_HEADER = "x-ingest-queue"
+FAILED_AT_HEADER = "x-ingest-failed-at"  # when it failed last: seconds since the epoch
 
 
 class Delivery:
@@ -239,6 +241,7 @@ class ChannelAcknowledger:
             headers[EXCEPTION_HEADER] = type(status.exception).__qualname__
         headers[ATTEMPTS_HEADER] = delivery.attempts + 1
         headers[QUEUE_HEADER] = self.options.queue
+        headers[FAILED_AT_HEADER] = int(time.time())
         properties, problems = copy_properties(original, headers)
         if not problems:
             return message, target, kind, properties

@@ -1,4 +1,4 @@
-"""The `ingest` command line: run, publish, topology, pause, resume."""
+"""The `ingest` command line: run, publish, topology, pause, resume, dlq."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 
+import aiormq
 import structlog
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
@@ -18,9 +19,10 @@ from pydantic_settings import SettingsError
 from ingest.exceptions import ConfigurationError, PipelineFailed, PublishError, StartupError
 from ingest.rabbitmq.options import redact
 from ingest.rabbitmq.publisher import OutgoingMessage, Publisher
-from ingest.service import control
+from ingest.service import control, dlq
 from ingest.service.hosting import build, serve
 from ingest.service.logging import configure_logging
+from ingest.service.progress import ProgressBar
 from ingest.service.settings import Settings
 from ingest.service.workers import supervise
 
@@ -81,6 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="N",
             help="reach the N workers of `ingest run --workers N` (ports PORT..PORT+N-1)",
         )
+
+    dead = commands.add_parser("dlq", help="a pipeline's dead letters: show, replay, purge")
+    actions = dead.add_subparsers(dest="dlq_command", required=True)
+    show = actions.add_parser("show", help="list dead letters (they stay in the queue)")
+    replay = actions.add_parser(
+        "replay", help="move dead letters back to the work queue, confirmed, attempts reset"
+    )
+    purge = actions.add_parser("purge", help="delete every dead letter")
+    for command in (show, replay, purge):
+        command.add_argument("pipeline")
+    for command in (show, replay):
+        command.add_argument("--reason", metavar="TEXT", help="only those whose reason has TEXT")
+    show.add_argument("--limit", type=int, default=20, metavar="N", help="at most N (20)")
+    replay.add_argument("--limit", type=int, metavar="N", help="at most N (all)")
+    purge.add_argument("--yes", action="store_true", help="yes, delete them")
     return parser
 
 
@@ -102,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(settings, args.pipeline, args.file)
         if args.command == "publish":
             return asyncio.run(_publish(settings, args))
+        if args.command == "dlq":
+            return asyncio.run(_dlq(settings, args))
         if args.command in ("pause", "resume"):
             urls = control.service_urls(settings, args.url, args.workers)
             return control.hold(settings, args.pipeline, args.command == "pause", urls)
@@ -158,7 +177,7 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
     else:
         bodies = [args.payload.encode()]
     url = settings.amqp_url.get_secret_value()
-    progress = _Progress(len(bodies), enabled=sys.stderr.isatty())
+    progress = ProgressBar(len(bodies))
     try:
         async with Publisher(
             url,
@@ -184,26 +203,26 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
+    [hosted] = build(settings, [args.pipeline]).values()
+    dead = dlq.dead_letters(settings, args.pipeline, hosted.queue)
+    limit = getattr(args, "limit", None)
+    if limit is not None and limit < 1:
+        raise ConfigurationError("--limit needs N >= 1")
+    try:
+        if args.dlq_command == "show":
+            return await dlq.show(dead, args.limit, args.reason)
+        if args.dlq_command == "replay":
+            return await dlq.replay(dead, limit, args.reason)
+        return await dlq.purge(dead, args.yes)
+    except (OSError, aiormq.exceptions.AMQPError) as error:
+        raise StartupError(f"{redact(dead.url)}: {error!r}") from error
+
+
 def _topology(settings: Settings) -> int:
     for hosted in build(settings).values():
         print(hosted.pipeline.topology().render())
     return 0
-
-
-class _Progress:
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.count, self.enabled = total, 0, enabled
-
-    def advance(self, count: int) -> None:
-        self.count += count
-        if self.enabled:
-            filled = int(30 * self.count / self.total)
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.count}/{self.total}")
-            sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
 
 
 def _first_error(error: ValidationError) -> str:

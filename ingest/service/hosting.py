@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from ingest.pipeline import Pipeline
 from ingest.producers.csv_file import CsvFileProducer
 from ingest.rabbitmq.producer import RabbitMQProducer
 from ingest.rabbitmq.stats import ProducerStats
+from ingest.service import dlq
 from ingest.service.http import HttpServer
 from ingest.service.logging import FAILURE_EVENTS, log_failures
 from ingest.service.metrics import Metrics
@@ -155,6 +157,11 @@ async def serve(
         {name: item.not_ready for name, item in hosted.items()},
         {name: item.pipeline for name, item in hosted.items()},
         settings.admin_token.get_secret_value() if settings.admin_token else None,
+        {
+            name: functools.partial(dlq.dead_letters, settings, name, item.queue)
+            for name, item in hosted.items()
+            if item.queue is not None and item.stats is not None  # consumed from RabbitMQ
+        },
     )
     try:
         await http.start()

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
+import aiormq
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ingest.exceptions import ConfigurationError
 from ingest.pipeline import Pipeline
+from ingest.rabbitmq.dead_letters import DeadLetters
+from ingest.service import dlq
 
 logger = structlog.get_logger("ingest.service.http")
 
@@ -40,12 +44,14 @@ class HttpServer:
         readiness: Mapping[str, Callable[[], str | None]],
         pipelines: Mapping[str, Pipeline],
         admin_token: str | None = None,
+        dead_letters: Mapping[str, Callable[[], DeadLetters]] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.registry = registry
         self.readiness = readiness
         self.pipelines = pipelines
+        self.dead_letters = dead_letters or {}
         self._admin_token = admin_token.encode() if admin_token else None
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
@@ -53,6 +59,9 @@ class HttpServer:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_post("/pipelines/{name}/pause", self._admin(self._pause))
         app.router.add_post("/pipelines/{name}/resume", self._admin(self._resume))
+        app.router.add_get("/pipelines/{name}/dlq", self._admin(self._dlq_show))
+        app.router.add_post("/pipelines/{name}/dlq/replay", self._admin(self._dlq_replay))
+        app.router.add_post("/pipelines/{name}/dlq/purge", self._admin(self._dlq_purge))
         self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self) -> None:
@@ -122,6 +131,57 @@ class HttpServer:
         return web.json_response(
             {"pipeline": name, "paused": pipeline.paused, "holds": sorted(pipeline.holds)}
         )
+
+    # -- dead letters ---------------------------------------------------------------------
+
+    async def _dlq_show(self, request: web.Request) -> web.Response:
+        """`?limit=N&reason=TEXT`: the dead letters, left in their queue."""
+
+        async def show(dead: DeadLetters, limit: int | None, reason: str | None) -> Any:
+            return {
+                "total": await dead.count(),
+                "dead_letters": [dlq.row(d) for d in await dead.show(limit or 20, reason)],
+            }
+
+        return await self._on_dead_letters(request, show)
+
+    async def _dlq_replay(self, request: web.Request) -> web.Response:
+        """`?limit=N&reason=TEXT`: moved back to the work queue, confirmed."""
+
+        async def replay(dead: DeadLetters, limit: int | None, reason: str | None) -> Any:
+            result = await dead.replay(limit, reason)
+            return {"replayed": result.replayed, "skipped": result.skipped}
+
+        return await self._on_dead_letters(request, replay)
+
+    async def _dlq_purge(self, request: web.Request) -> web.Response:
+        async def purge(dead: DeadLetters, limit: int | None, reason: str | None) -> Any:
+            return {"purged": await dead.purge()}
+
+        return await self._on_dead_letters(request, purge)
+
+    async def _on_dead_letters(
+        self,
+        request: web.Request,
+        action: Callable[[DeadLetters, int | None, str | None], Awaitable[Any]],
+    ) -> web.Response:
+        name = request.match_info["name"]
+        make = self.dead_letters.get(name)
+        if make is None:
+            return _error(
+                404, f"no pipeline {name!r} with a queue; running: {', '.join(self.pipelines)}"
+            )
+        limit_text = request.query.get("limit")
+        if limit_text is not None and (not limit_text.isdigit() or int(limit_text) < 1):
+            return _error(400, f"limit must be an integer >= 1, got {limit_text!r}")
+        limit = int(limit_text) if limit_text else None
+        try:
+            async with make() as dead:
+                answer = await action(dead, limit, request.query.get("reason") or None)
+        except (OSError, aiormq.exceptions.AMQPError) as error:
+            return _error(502, f"the broker: {error!r}")
+        logger.info("dead letters", pipeline=name, action=request.path.rsplit("/", 1)[-1])
+        return web.json_response(answer)
 
 
 def _error(status: int, message: str) -> web.Response:

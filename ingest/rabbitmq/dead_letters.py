@@ -1,0 +1,220 @@
+"""Dead letters: look at a work queue's dead-letter queue, move its messages back, or purge
+it::
+
+    async with DeadLetters(url, "bookings_queue") as dead:
+        for letter in await dead.show(limit=20, reason="unknown user"):
+            print(letter.reason, letter.message_id)
+        replayed = await dead.replay(reason="database", progress=print)
+        purged = await dead.purge()
+
+`show` takes the messages without acknowledging them and hands them back untouched
+(closing its channel requeues them, in their order). `replay` publishes each matching one
+to the work queue with publisher confirms — with its message_id (an idempotent consumer
+still holds) and its attempts reset — and acknowledges it in the dead-letter queue only
+once its copy is confirmed: a crash in the middle loses nothing and at worst replays one
+twice. Both read the reasons `ingest` writes and those of the broker's own dead-lettering
+(`x-death`: a quorum queue's delivery limit, an expiry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiormq
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
+
+from ingest.rabbitmq._connection import open_connection
+from ingest.rabbitmq._copies import copy_properties
+from ingest.rabbitmq.acknowledger import (
+    ATTEMPTS_HEADER,
+    EXCEPTION_HEADER,
+    FAILED_AT_HEADER,
+    QUEUE_HEADER,
+    REASON_HEADER,
+)
+
+# What a replayed copy leaves behind: the failure it had; its attempts start again.
+FAILURE_HEADERS = (ATTEMPTS_HEADER, REASON_HEADER, EXCEPTION_HEADER, FAILED_AT_HEADER, "x-death")
+REPLAY_WINDOW = 100  # copies awaiting their confirms at once
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    reason: str
+    attempts: int
+    failed_at: datetime | None
+    message_id: str | None
+    body: bytes
+    queue: str | None  # the queue it failed in, when it says
+
+    @classmethod
+    def of(cls, message: DeliveredMessage) -> DeadLetter:
+        properties = message.header.properties
+        headers: dict[str, Any] = dict(properties.headers or {})
+        deaths = headers.get("x-death") or [{}]
+        death = deaths[0] if isinstance(deaths, list) and isinstance(deaths[0], dict) else {}
+        reason = headers.get(REASON_HEADER) or death.get("reason") or "no reason given"
+        attempts = headers.get(ATTEMPTS_HEADER, death.get("count", 0))
+        failed_at: Any = headers.get(FAILED_AT_HEADER) or death.get("time")
+        if isinstance(failed_at, int | float) and not isinstance(failed_at, bool):
+            failed_at = datetime.fromtimestamp(failed_at, UTC)
+        return cls(
+            reason=_text(reason),
+            attempts=attempts if isinstance(attempts, int) else 0,
+            failed_at=failed_at if isinstance(failed_at, datetime) else None,
+            message_id=properties.message_id,
+            body=bytes(message.body),
+            queue=_text(headers.get(QUEUE_HEADER) or death.get("queue")) or None,
+        )
+
+    def matches(self, reason: str | None) -> bool:
+        return reason is None or reason.lower() in self.reason.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    replayed: int
+    skipped: int  # left in the dead-letter queue (another reason)
+
+
+class DeadLetters:
+    def __init__(
+        self, url: str, queue: str, dead_letter_queue: str | None = None, name: str = "ingest-dlq"
+    ) -> None:
+        self.url = url
+        self.queue = queue
+        self.dead_letter_queue = dead_letter_queue or f"{queue}.dlq"
+        self.name = name
+        self._connection: aiormq.abc.AbstractConnection | None = None
+
+    async def __aenter__(self) -> DeadLetters:
+        self._connection = await open_connection(self.url, name=self.name)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    async def count(self) -> int:
+        async with self._channel() as channel:
+            declared = await channel.queue_declare(self.dead_letter_queue, passive=True)
+            return int(declared.message_count or 0)
+
+    async def show(self, limit: int = 20, reason: str | None = None) -> list[DeadLetter]:
+        """Up to `limit` dead letters (whose reason contains `reason`), oldest first; all
+        of them stay in the queue."""
+        letters: list[DeadLetter] = []
+        async with self._channel() as channel:
+            async for message in _taken(channel, self.dead_letter_queue):
+                letter = DeadLetter.of(message)
+                if letter.matches(reason):
+                    letters.append(letter)
+                    if len(letters) >= limit:
+                        break
+        return letters  # the channel closed: everything taken went back, in order
+
+    async def replay(
+        self,
+        limit: int | None = None,
+        reason: str | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Replayed:
+        """Move dead letters (whose reason contains `reason`; at most `limit`) back to the
+        work queue; each is removed from the dead-letter queue once its copy is confirmed."""
+        replayed = skipped = 0
+        async with self._channel() as taking, self._channel(confirms=True) as publishing:
+            window: list[DeliveredMessage] = []
+            async for message in _taken(taking, self.dead_letter_queue):
+                if not DeadLetter.of(message).matches(reason):
+                    skipped += 1  # held unacknowledged until the end, then handed back
+                    continue
+                window.append(message)
+                if len(window) >= REPLAY_WINDOW or replayed + len(window) == limit:
+                    replayed += await self._move(window, taking, publishing, progress)
+                    window = []
+                if limit is not None and replayed >= limit:
+                    break
+            replayed += await self._move(window, taking, publishing, progress)
+        return Replayed(replayed, skipped)
+
+    async def purge(self) -> int:
+        """Delete every dead letter; how many there were."""
+        async with self._channel() as channel:
+            purged = await channel.queue_purge(self.dead_letter_queue)
+            return int(purged.message_count or 0)
+
+    async def _move(
+        self,
+        window: Sequence[DeliveredMessage],
+        taking: aiormq.abc.AbstractChannel,
+        publishing: aiormq.abc.AbstractChannel,
+        progress: Callable[[int], None] | None,
+    ) -> int:
+        if not window:
+            return 0
+        confirmations = await asyncio.gather(
+            *(
+                publishing.basic_publish(
+                    message.body,
+                    routing_key=self.queue,
+                    properties=_replay_properties(message),
+                    mandatory=True,
+                )
+                for message in window
+            )
+        )
+        for message, confirmation in zip(window, confirmations, strict=True):
+            if not isinstance(confirmation, spec.Basic.Ack):
+                raise ConnectionError(f"the broker did not confirm a replay: {confirmation!r}")
+            await taking.basic_ack(message.delivery_tag)  # type: ignore[arg-type]
+        if progress is not None:
+            progress(len(window))
+        return len(window)
+
+    @asynccontextmanager
+    async def _channel(self, confirms: bool = False) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+        if self._connection is None:
+            raise RuntimeError("use DeadLetters as `async with DeadLetters(...) as dead:`")
+        channel = await self._connection.channel(
+            publisher_confirms=confirms, on_return_raises=confirms
+        )
+        try:
+            yield channel
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+
+async def _taken(
+    channel: aiormq.abc.AbstractChannel, queue: str
+) -> AsyncIterator[DeliveredMessage]:
+    """Every message of `queue` at the time of the call, taken with basic.get and left
+    unacknowledged (a message taken is not given again on the same channel)."""
+    declared = await channel.queue_declare(queue, passive=True)
+    for _ in range(int(declared.message_count or 0)):
+        message = await channel.basic_get(queue, no_ack=False)
+        if message.delivery_tag is None:  # basic.get-empty: someone else took the rest
+            return
+        yield message
+
+
+def _replay_properties(message: DeliveredMessage) -> spec.Basic.Properties:
+    original = message.header.properties
+    headers = {
+        key: value for key, value in (original.headers or {}).items() if key not in FAILURE_HEADERS
+    }
+    properties, _ = copy_properties(original, headers)
+    return properties
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    return "" if value is None else str(value)

@@ -1,0 +1,194 @@
+"""Dead letters against the real broker: `ingest dlq show` lists them with their reasons
+and leaves them; `ingest dlq replay --reason` moves the matching ones back (confirmed, with
+their message_id, attempts reset) and they become tickets once their cause is fixed;
+`ingest dlq purge --yes` empties the queue; the HTTP endpoints do the same under the admin
+token."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import urllib.request
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiormq
+import pytest
+from sqlalchemy import insert
+
+from ingest.rabbitmq import ATTEMPTS_HEADER, REASON_HEADER
+from ingest.rabbitmq.dead_letters import DeadLetters
+from pipelines.db import users
+
+from .conftest import Broker, eventually, queue_depth
+from .service import RunningService, publish_from_ui, running_service
+
+TOKEN = "dlq-admin-token"
+
+
+@pytest.fixture
+async def service(broker: Broker, queue_name: str, tmp_path: Any) -> AsyncIterator[RunningService]:
+    async with running_service(
+        amqp_url=broker.amqp_url,
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/tickets.db",
+        mail_outbox=tmp_path / "outbox",
+        admin_token=TOKEN,
+        pipelines={
+            "bookings": {"queue": f"{queue_name}-bookings"},
+            "notifications": {"queue": f"{queue_name}-notifications"},
+        },
+    ) as running:
+        yield running
+
+
+async def ingest(broker: Broker, queue_name: str, *args: str) -> tuple[int, str]:
+    env = {
+        **os.environ,
+        "INGEST_CONFIG": os.devnull + ".toml",
+        "INGEST_AMQP_URL": broker.amqp_url,
+        "INGEST_PIPELINES__BOOKINGS__QUEUE": f"{queue_name}-bookings",
+        "INGEST_PIPELINES__NOTIFICATIONS__QUEUE": f"{queue_name}-notifications",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ingest",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await process.communicate()
+    return process.returncode or 0, out.decode()
+
+
+async def tickets(running: RunningService) -> set[str]:
+    db = running.hosted["bookings"].pipeline.handlers.db  # type: ignore[attr-defined]
+    from sqlalchemy import select
+
+    from pipelines.db import tickets as table
+
+    async with db.engine.connect() as connection:
+        return set((await connection.execute(select(table.c.message_id))).scalars())
+
+
+async def test_show_replay_and_purge_from_the_command_line(
+    broker: Broker,
+    queue_name: str,
+    service: RunningService,
+    amqp: aiormq.abc.AbstractChannel,
+) -> None:
+    queue = f"{queue_name}-bookings"
+    dlq = f"{queue}.dlq"
+    for n in range(3):
+        publish_from_ui(broker, queue, "not a booking", f"bad-{n}")
+    for n in range(2):
+        publish_from_ui(broker, queue, "cinema,999", f"stranger-{n}")
+
+    async def dead(count: int) -> bool:
+        return await queue_depth(amqp, dlq) == count
+
+    await eventually(lambda: dead(5), timeout=15)
+
+    code, out = await ingest(broker, queue_name, "dlq", "show", "bookings", "--reason", "unknown")
+    assert code == 0, out
+    lines = out.strip().splitlines()
+    assert lines[0].split()[:2] == ["reason", "attempts"]
+    assert len(lines) == 4  # the header, two dead letters, the summary
+    for line, message_id in zip(lines[1:3], ("stranger-0", "stranger-1"), strict=True):
+        assert line.startswith("unknown user 999")
+        assert " 1  " in line  # attempts
+        assert f" {message_id} " in line
+        assert line.endswith("cinema,999")
+    assert lines[-1] == f"2 shown matching 'unknown', 5 in {dlq} (left there)"
+    assert await queue_depth(amqp, dlq) == 5  # untouched
+
+    # The cause is fixed (user 999 exists now); the two come back and become tickets.
+    db = service.hosted["bookings"].pipeline.handlers.db  # type: ignore[attr-defined]
+    async with db.engine.begin() as connection:
+        await connection.execute(insert(users).values(id=999, email="new@email.com"))
+    code, out = await ingest(broker, queue_name, "dlq", "replay", "bookings", "--reason", "999")
+    assert code == 0, out
+    assert out.strip().endswith(
+        f"replayed 2 to {queue} (confirmed), 3 left in {dlq} (another reason)"
+    )
+
+    async def ticketed() -> bool:
+        return {"stranger-0", "stranger-1"} <= await tickets(service)
+
+    await eventually(ticketed, timeout=15)
+    assert await queue_depth(amqp, dlq) == 3
+
+    code, out = await ingest(broker, queue_name, "dlq", "purge", "bookings")
+    assert code == 2
+    assert "add --yes" in out
+    code, out = await ingest(broker, queue_name, "dlq", "purge", "bookings", "--yes")
+    assert (code, out.strip()) == (0, f"purged 3 dead letter(s) from {dlq}")
+    assert await queue_depth(amqp, dlq) == 0
+
+
+async def test_a_replayed_copy_keeps_its_id_and_body_and_starts_its_attempts_again(
+    broker: Broker, queue_name: str, amqp: aiormq.abc.AbstractChannel
+) -> None:
+    queue, dlq = f"{queue_name}-work", f"{queue_name}-work.dlq"
+    await amqp.queue_declare(queue, durable=True)
+    await amqp.queue_declare(dlq, durable=True)
+    await amqp.basic_publish(
+        b"payload",
+        routing_key=dlq,
+        properties=aiormq.spec.Basic.Properties(
+            message_id="m-1",
+            headers={REASON_HEADER: "database down", ATTEMPTS_HEADER: 5, "x-custom": "kept"},
+        ),
+    )
+    async with DeadLetters(broker.amqp_url, queue) as dead:
+        [letter] = await dead.show()
+        assert (letter.reason, letter.attempts, letter.message_id) == ("database down", 5, "m-1")
+        result = await dead.replay()
+    assert (result.replayed, result.skipped) == (1, 0)
+    copy = await amqp.basic_get(queue, no_ack=True)
+    assert copy.body == b"payload"
+    assert copy.header.properties.message_id == "m-1"
+    assert copy.header.properties.headers == {"x-custom": "kept"}
+    assert await queue_depth(amqp, dlq) == 0
+
+
+def request(url: str, method: str = "GET") -> tuple[int, Any]:
+    call = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    call.add_header("Authorization", f"Bearer {TOKEN}")
+    try:
+        with urllib.request.urlopen(call, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+async def test_the_http_endpoints_show_replay_and_purge(
+    broker: Broker,
+    queue_name: str,
+    service: RunningService,
+    amqp: aiormq.abc.AbstractChannel,
+) -> None:
+    queue = f"{queue_name}-bookings"
+    for n in range(4):
+        publish_from_ui(broker, queue, "not a booking", f"bad-{n}")
+    await eventually(lambda: _depth_is(amqp, f"{queue}.dlq", 4), timeout=15)
+    base = f"{service.http}/pipelines/bookings/dlq"
+    status, body = await asyncio.to_thread(request, f"{base}?limit=2")
+    assert status == 200
+    assert body["total"] == 4
+    assert [row["message_id"] for row in body["dead_letters"]] == ["bad-0", "bad-1"]
+    assert body["dead_letters"][0]["payload"] == "not a booking"
+    assert (await asyncio.to_thread(request, f"{base}?limit=zero"))[0] == 400
+    status, body = await asyncio.to_thread(request, f"{base}/replay?limit=1", "POST")
+    assert (status, body) == (200, {"replayed": 1, "skipped": 0})
+    # The replayed one fails again (still not a booking) and is dead-lettered again.
+    await eventually(lambda: _depth_is(amqp, f"{queue}.dlq", 4), timeout=15)
+    status, body = await asyncio.to_thread(request, f"{base}/purge", "POST")
+    assert (status, body) == (200, {"purged": 4})
+
+
+async def _depth_is(channel: aiormq.abc.AbstractChannel, queue: str, count: int) -> bool:
+    return await queue_depth(channel, queue) == count
