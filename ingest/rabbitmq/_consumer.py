@@ -16,10 +16,10 @@ from ingest.producer import Sink
 from ingest.rabbitmq import _fastpath as fastpath
 from ingest.rabbitmq._backoff import reconnect_delay
 from ingest.rabbitmq._connection import CONNECTION_ERRORS, open_connection
-from ingest.rabbitmq._declare import declare
 from ingest.rabbitmq._metadata import metadata_reader
 from ingest.rabbitmq.acknowledger import ChannelAcknowledger, Delivery
 from ingest.rabbitmq.options import RabbitMQOptions, redact
+from ingest.rabbitmq.queues import declare, explain_refusal
 from ingest.rabbitmq.stats import ProducerStats
 
 logger = structlog.get_logger("ingest.rabbitmq")
@@ -127,7 +127,9 @@ class Consumer:
             await asyncio.sleep(delay)
 
     def _log_failure(self, error: BaseException, attempt: int) -> None:
-        if isinstance(error, REFUSALS):
+        if explained := explain_refusal(error, self.options):
+            self._log.error(explained, error=repr(error), attempt=attempt)
+        elif isinstance(error, REFUSALS):
             self._log.error(
                 "the broker refused what the options ask for; retrying with the backoff "
                 "(fix the broker's side or the options)",

@@ -111,6 +111,10 @@ class QueueDeclare:
     passive: bool = False
     arguments: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def queue_type(self) -> str:
+        return str(self.arguments.get("x-queue-type", "classic"))
+
     def __post_init__(self) -> None:
         _check_types(
             self,

@@ -16,7 +16,7 @@ from ingest.exceptions import PublishError
 from ingest.rabbitmq._backoff import reconnect_delay
 from ingest.rabbitmq._connection import CONNECTION_ERRORS, open_connection
 from ingest.rabbitmq._publishing import PublishBatch, batch_publisher
-from ingest.rabbitmq.options import Backoff, redact
+from ingest.rabbitmq.options import Backoff, QueueDeclare, redact
 
 logger = structlog.get_logger("ingest.rabbitmq")
 
@@ -65,10 +65,16 @@ class Publisher:
         backoff: Backoff | None = None,
         connect_timeout: float = 30.0,
         publish_timeout: float = 30.0,
-        declare_queues: tuple[str, ...] = (),
+        declare_queues: Sequence[str] | Mapping[str, QueueDeclare] = (),
     ) -> None:
         self.url = url
-        self.declare_queues = declare_queues
+        # A queue named alone is declared durable; with its QueueDeclare, as that says
+        # (the arguments must be those its consumer declares: a quorum queue, say).
+        self.declare_queues: dict[str, QueueDeclare] = (
+            dict(declare_queues)
+            if isinstance(declare_queues, Mapping)
+            else {queue: QueueDeclare() for queue in declare_queues}
+        )
         self.connection_name = connection_name
         self.backoff = backoff or Backoff("rand_exp", min=0.2, max=5.0)
         self.connect_timeout = connect_timeout
@@ -137,8 +143,10 @@ class Publisher:
                         channel = await connection.channel(
                             publisher_confirms=True, on_return_raises=True
                         )
-                        for queue in self.declare_queues:
-                            await channel.queue_declare(queue, durable=True)
+                        for queue, how in self.declare_queues.items():
+                            await channel.queue_declare(
+                                queue, durable=how.durable, arguments=dict(how.arguments)
+                            )
                     except CONNECTION_ERRORS as exc:
                         delay = reconnect_delay(self.backoff, attempt)
                         logger.warning(

@@ -177,12 +177,13 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
     else:
         bodies = [args.payload.encode()]
     url = settings.amqp_url.get_secret_value()
+    config = settings.pipeline(args.pipeline)
     progress = ProgressBar(len(bodies))
     try:
         async with Publisher(
             url,
             connection_name="ingest-publish",
-            declare_queues=(hosted.queue,),
+            declare_queues={hosted.queue: config.queue_declare(hosted.queue)},
             connect_timeout=10,
         ) as publisher:
             window = 500

@@ -17,12 +17,14 @@ from ingest._terminator import close_within
 from ingest.exceptions import ConfigurationError, PipelineFailed, StartupError
 from ingest.pipeline import Pipeline
 from ingest.producers.csv_file import CsvFileProducer
+from ingest.rabbitmq.acknowledger import retry_queue_name
 from ingest.rabbitmq.producer import RabbitMQProducer
 from ingest.rabbitmq.stats import ProducerStats
 from ingest.service import dlq
 from ingest.service.http import HttpServer
 from ingest.service.logging import FAILURE_EVENTS, log_failures
 from ingest.service.metrics import Metrics
+from ingest.service.queue_depth import QueueDepths
 from ingest.service.settings import Settings
 
 logger = structlog.get_logger("ingest.service")
@@ -169,6 +171,13 @@ async def serve(
         raise StartupError(
             f"cannot serve HTTP on {settings.http_host}:{settings.http_port}: {exc.strerror or exc}"
         ) from exc
+    depths = QueueDepths(
+        settings.amqp_url.get_secret_value(),
+        {name: queues for name, item in hosted.items() if (queues := _queues_of(item))},
+        settings.queue_depth_interval,
+    )
+    reading = asyncio.create_task(depths.run(), name="queue depths") if depths.queues else None
+    metrics.registry.register(depths)
     stop = stop or asyncio.Event()
     failed: list[Pipeline] = []
     loop = asyncio.get_running_loop()
@@ -200,7 +209,24 @@ async def serve(
                 await close_within(
                     item.shutdown(), logger.bind(pipeline=name), "pipeline shutdown hook"
                 )
+        if reading is not None:
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
         await http.stop()
     if failed:
         # The others were drained; a process manager (compose, Kubernetes) restarts us.
         raise PipelineFailed("; ".join(str(pipeline.failure) for pipeline in failed))
+
+
+def _queues_of(item: HostedPipeline) -> list[str]:
+    """A RabbitMQ pipeline's work, retry and dead-letter queues (none for a file)."""
+    producer = item.pipeline.producer
+    if not isinstance(producer, RabbitMQProducer):
+        return []
+    options = producer.options
+    queues = [options.queue]
+    if options.retry is not None:
+        queues += [retry_queue_name(options.queue, d) for d in sorted(set(options.retry.delays))]
+    if options.dlq_name:
+        queues.append(options.dlq_name)
+    return queues

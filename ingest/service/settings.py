@@ -19,7 +19,8 @@ from pydantic_settings import (
 )
 
 from ingest.options import Batcher, CircuitBreaker, Processors
-from ingest.rabbitmq.options import RetryPolicy
+from ingest.rabbitmq.options import QueueDeclare, RetryPolicy
+from ingest.rabbitmq.queues import quorum
 
 DEFAULT_CONFIG_FILE = Path("config/ingest.toml")
 
@@ -61,6 +62,10 @@ class PipelineSettings(BaseModel):
 
     enabled: bool = True
     queue: str | None = None
+    # quorum: replicated, and a message redelivered more than delivery_limit times (one
+    # that kills the process) is dead-lettered by the broker; classic: neither.
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    delivery_limit: PositiveInt = 20
     prefetch_count: PositiveInt | None = None
     processors: ProcessorSettings = Field(default_factory=ProcessorSettings)
     batchers: dict[str, BatcherSettings] = Field(default_factory=dict)
@@ -89,6 +94,12 @@ class PipelineSettings(BaseModel):
             if values:
                 options[name] = replace(defaults[name], **values)
         return options
+
+    def queue_declare(self, queue: str) -> QueueDeclare:
+        """How `queue` is declared, by its consumer and by whoever publishes to it."""
+        if self.queue_type == "classic":
+            return QueueDeclare()
+        return quorum(f"{queue}.dlq", self.delivery_limit)
 
     def circuit_breaker_options(self) -> CircuitBreaker | None:
         """The circuit breaker (on by default, with CircuitBreaker's defaults), or None when
@@ -128,6 +139,7 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65535)
     admin_token: SecretStr | None = None
+    queue_depth_interval: PositiveFloat = 15.0
     log_format: Literal["json", "console"] = "console"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     shutdown_timeout: PositiveFloat = 30.0

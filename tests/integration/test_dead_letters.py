@@ -23,7 +23,7 @@ from ingest.rabbitmq.dead_letters import DeadLetters
 from pipelines.db import users
 
 from .conftest import Broker, eventually, queue_depth
-from .service import RunningService, publish_from_ui, running_service
+from .service import RunningService, metric, publish_from_ui, running_service
 
 TOKEN = "dlq-admin-token"
 
@@ -35,6 +35,7 @@ async def service(broker: Broker, queue_name: str, tmp_path: Any) -> AsyncIterat
         database_url=f"sqlite+aiosqlite:///{tmp_path}/tickets.db",
         mail_outbox=tmp_path / "outbox",
         admin_token=TOKEN,
+        queue_depth_interval=0.2,
         pipelines={
             "bookings": {"queue": f"{queue_name}-bookings"},
             "notifications": {"queue": f"{queue_name}-notifications"},
@@ -175,6 +176,18 @@ async def test_the_http_endpoints_show_replay_and_purge(
     for n in range(4):
         publish_from_ui(broker, queue, "not a booking", f"bad-{n}")
     await eventually(lambda: _depth_is(amqp, f"{queue}.dlq", 4), timeout=15)
+
+    async def exported(name: str, count: float) -> bool:
+        _, text = await service.get_async("/metrics")
+        labels = {"pipeline": "bookings", "queue": name, "state": "ready"}
+        return metric(text, "ingest_queue_messages", **labels) == count
+
+    # The depths of its work, retry and dead-letter queues, next to the service's metrics.
+    await eventually(lambda: exported(f"{queue}.dlq", 4), timeout=10)
+    _, text = await service.get_async("/metrics")
+    for empty in (queue, f"{queue}.retry.1000ms", f"{queue}.retry.30000ms"):
+        series = f'ingest_queue_messages{{pipeline="bookings",queue="{empty}",state="ready"}}'
+        assert f"{series} 0.0" in text
     base = f"{service.http}/pipelines/bookings/dlq"
     status, body = await asyncio.to_thread(request, f"{base}?limit=2")
     assert status == 200

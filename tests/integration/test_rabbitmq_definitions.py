@@ -11,6 +11,8 @@ from pathlib import Path
 import aiormq
 
 from ingest.rabbitmq.definitions import password_hash, with_user
+from ingest.rabbitmq.queues import quorum
+from ingest.service.settings import Settings
 
 from .conftest import Broker
 
@@ -38,8 +40,15 @@ async def test_imported_definitions_give_a_working_user_and_the_queues(broker: B
         quoted = urllib.parse.quote(vhost, safe="")
         connection = await aiormq.connect(f"amqp://{user}:{password}@{host}/{quoted}")
         channel = await connection.channel()
-        ok = await channel.queue_declare("bookings_queue", durable=True)  # same arguments: no error
+        # As the service declares them (quorum): the same arguments, so no error.
+        bookings = quorum("bookings_queue.dlq", Settings().pipeline("bookings").delivery_limit)
+        ok = await channel.queue_declare(
+            "bookings_queue", durable=True, arguments=dict(bookings.arguments)
+        )
         assert ok.message_count == 0
+        await channel.queue_declare(
+            "bookings_queue.dlq", durable=True, arguments={"x-queue-type": "quorum"}
+        )
         await channel.queue_declare(
             "bookings_queue.retry.1000ms",
             durable=True,

@@ -109,9 +109,10 @@ def test_the_definitions_declare_every_queue_the_pipelines_use_as_they_declare_i
         producer = hosted.pipeline.producer
         assert isinstance(producer, RabbitMQProducer)
         options = producer.options
-        expected[options.queue] = {}
+        assert options.declare is not None
+        expected[options.queue] = dict(options.declare.arguments)  # quorum, by default
         if options.dlq_name:
-            expected[options.dlq_name] = {}
+            expected[options.dlq_name] = {"x-queue-type": options.declare.queue_type}
         assert options.retry is not None
         for delay in options.retry.delays:
             expected[retry_queue_name(options.queue, delay)] = {

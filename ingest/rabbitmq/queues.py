@@ -1,0 +1,83 @@
+"""Queues: how a consumer declares its own (the work queue, its dead-letter queue, its
+retry queues, the bindings), a quorum work queue's arguments, and what to do when the
+broker refuses a declaration::
+
+    RabbitMQOptions(queue="bookings_queue", declare=quorum("bookings_queue.dlq", 20))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiormq
+
+from ingest.rabbitmq.acknowledger import retry_queue_name
+from ingest.rabbitmq.options import QueueDeclare, RabbitMQOptions
+
+
+def quorum(dead_letter_queue: str | None, delivery_limit: int | None) -> QueueDeclare:
+    """A durable quorum queue: replicated across a cluster's nodes, and the broker itself
+    dead-letters a message delivered more than `delivery_limit` times (one that kills its
+    consumer, which a classic queue redelivers forever) into `dead_letter_queue`, with
+    `x-death` saying `delivery_limit`."""
+    arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+    if delivery_limit is not None:
+        arguments["x-delivery-limit"] = delivery_limit
+    if dead_letter_queue:
+        arguments["x-dead-letter-exchange"] = ""
+        arguments["x-dead-letter-routing-key"] = dead_letter_queue
+    return QueueDeclare(durable=True, arguments=arguments)
+
+
+async def declare(channel: aiormq.abc.AbstractChannel, options: RabbitMQOptions) -> None:
+    """Declare what the options ask for: the queue, its dead-letter queue, its retry
+    queues (each dead-lettering back into the queue after its delay), and bindings."""
+    queue = options.declare
+    if queue is not None:
+        await channel.queue_declare(
+            options.queue,
+            durable=queue.durable,
+            auto_delete=queue.auto_delete,
+            exclusive=queue.exclusive,
+            passive=queue.passive,
+            arguments=dict(queue.arguments),
+        )
+    if options.dlq_name:
+        # Of the work queue's type: a quorum queue's dead letters are replicated too.
+        quorum = queue is not None and queue.queue_type == "quorum"
+        arguments: dict[str, Any] = {"x-queue-type": "quorum"} if quorum else {}
+        await channel.queue_declare(options.dlq_name, durable=True, arguments=arguments)
+    if options.retry is not None:
+        for delay in sorted(set(options.retry.delays)):
+            await channel.queue_declare(
+                retry_queue_name(options.queue, delay),
+                durable=True,
+                arguments={
+                    "x-message-ttl": round(delay * 1000),
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": options.queue,
+                },
+            )
+    for binding in options.bindings:
+        await channel.queue_bind(
+            options.queue,
+            binding.exchange,
+            routing_key=binding.routing_key,
+            arguments=dict(binding.arguments),
+        )
+
+
+def explain_refusal(error: BaseException, options: RabbitMQOptions) -> str | None:
+    """One line on what to do when the broker refused to declare the queue as asked,
+    for the case people meet: the queue exists with another type or other arguments."""
+    text = str(error)
+    if "PRECONDITION_FAILED" not in text or "inequivalent arg" not in text:
+        return None
+    wanted = options.declare.queue_type if options.declare is not None else "classic"
+    return (
+        f"queue {options.queue!r} exists with other arguments than this service declares "
+        f"({wanted}): a queue cannot change type in place. Keep it with queue_type = "
+        f"the type it has (INGEST_PIPELINES__<NAME>__QUEUE_TYPE), or move its messages "
+        f"away (e.g. the shovel plugin) and delete it (rabbitmqctl delete_queue "
+        f"{options.queue}) so that it is declared anew"
+    )

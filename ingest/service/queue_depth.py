@@ -1,0 +1,90 @@
+"""Queue depths next to the service's own metrics: `ingest_queue_messages{pipeline,queue,
+state}`, the messages ready in each pipeline's work, retry and dead-letter queues.
+
+Read every `interval` seconds by one task of the service, over one connection of its own,
+with a passive queue.declare per queue (a few frames each): a bounded cost whatever the
+depth. A queue the broker does not have (yet) is left out; a lost connection is opened
+again at the next reading, and the figures of a reading that failed are dropped rather
+than shown stale."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+
+import aiormq
+import structlog
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ingest.rabbitmq._connection import CONNECTION_ERRORS, open_connection
+
+logger = structlog.get_logger("ingest.service.queue_depth")
+
+
+class QueueDepths(Collector):
+    def __init__(
+        self, url: str, queues: Mapping[str, Sequence[str]], interval: float = 15.0
+    ) -> None:
+        """`queues`: each pipeline's queues to read."""
+        self.url = url
+        self.queues = queues
+        self.interval = interval
+        self.ready: dict[tuple[str, str], int] = {}
+        self._connection: aiormq.abc.AbstractConnection | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "ingest_queue_messages",
+            "Messages in a pipeline's work, retry and dead-letter queues (state: ready), "
+            f"read every {self.interval:g} s",
+            labels=["pipeline", "queue", "state"],
+        )
+        for (pipeline, queue), count in sorted(self.ready.items()):
+            family.add_metric([pipeline, queue, "ready"], count)
+        yield family
+
+    async def run(self) -> None:
+        """Read, then wait `interval`, until cancelled (by the service, at shutdown)."""
+        try:
+            while True:
+                await self.read()
+                await asyncio.sleep(self.interval)
+        finally:
+            await self._close()
+
+    async def read(self) -> None:
+        try:
+            if self._connection is None or self._connection.is_closed:
+                self._connection = await open_connection(self.url, name="ingest-queue-depth")
+            ready: dict[tuple[str, str], int] = {}
+            for pipeline, queues in self.queues.items():
+                for queue in queues:
+                    count = await self._ready(self._connection, queue)
+                    if count is not None:
+                        ready[pipeline, queue] = count
+            self.ready = ready
+        except (*CONNECTION_ERRORS, aiormq.exceptions.ChannelInvalidStateError) as error:
+            self.ready = {}
+            logger.warning("cannot read queue depths", error=repr(error))
+            await self._close()
+
+    @staticmethod
+    async def _ready(connection: aiormq.abc.AbstractConnection, queue: str) -> int | None:
+        # A channel per queue: a passive declare of a missing queue closes its channel.
+        channel = await connection.channel()
+        try:
+            declared = await channel.queue_declare(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        return int(declared.message_count or 0)
+
+    async def _close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await connection.close()
