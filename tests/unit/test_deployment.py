@@ -4,6 +4,7 @@ Dockerfile, Prometheus' targets, the RabbitMQ definitions and the environment th
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -87,14 +88,21 @@ def test_every_environment_name_compose_sets_is_a_settings_field(
     assert settings.http_host == "0.0.0.0"
 
 
-def test_prometheus_scrapes_the_service_on_its_port() -> None:
-    config = yaml.safe_load((ROOT / "config" / "prometheus.yml").read_text())
-    targets = [
-        t for job in config["scrape_configs"] for c in job["static_configs"] for t in c["targets"]
-    ]
+def test_prometheus_scrapes_the_service_and_the_broker_and_loads_the_alerts() -> None:
+    config = yaml.safe_load((ROOT / "config" / "prometheus" / "prometheus.yml").read_text())
+    targets = {
+        job["job_name"]: [t for c in job["static_configs"] for t in c["targets"]]
+        for job in config["scrape_configs"]
+    }
     port = ingest_environment()["INGEST_HTTP_PORT"]
-    assert targets == [f"ingest:{port}"]
+    assert targets == {"ingest": [f"ingest:{port}"], "rabbitmq": ["rabbitmq:15692"]}
     assert config["scrape_configs"][0]["metrics_path"] == "/metrics"
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    volumes = SERVICES["prometheus"]["volumes"]
+    assert "./config/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in volumes
+    plugins = (ROOT / "config" / "rabbitmq" / "enabled_plugins").read_text()
+    assert "rabbitmq_prometheus" in plugins
+    assert any("enabled_plugins" in volume for volume in SERVICES["rabbitmq"]["volumes"])
     assert f"127.0.0.1:{port}:{port}" in SERVICES["ingest"]["ports"]
 
 
@@ -199,3 +207,17 @@ def test_ci_runs_the_readme_test_command() -> None:
     command = block.removeprefix("sh").strip()
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert ci[-1] == command
+
+
+def test_the_alerting_rules_are_valid_and_fire_as_their_tests_say() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing: .ci/run installs Debian's prometheus package")
+        pytest.skip("promtool (Debian's prometheus package) is not installed")
+    rules = ROOT / "config" / "prometheus"
+    for command in (["check", "rules", "alerts.yml"], ["test", "rules", "alerts.test.yml"]):
+        done = subprocess.run(
+            [promtool, *command], cwd=rules, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
