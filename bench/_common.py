@@ -27,13 +27,21 @@ def peak_rss_mb(pid: int | str = "self") -> float:
 
 
 async def fill_queue(
-    url: str, queue: str, messages: list[tuple[bytes, str]], content_type: str | None = None
+    url: str,
+    queue: str,
+    messages: list[tuple[bytes, str]],
+    content_type: str | None = None,
+    queue_type: str = "classic",
 ) -> None:
-    """Declare `queue` (durable) and publish the (body, message_id) pairs, persistent and
-    confirmed a thousand at a time."""
+    """Declare `queue` (durable, of `queue_type`, with the arguments the service gives
+    such a queue) and publish the (body, message_id) pairs, persistent and confirmed a
+    thousand at a time."""
+    from ingest.service.settings import PipelineSettings
+
+    declare = PipelineSettings.model_validate({"queue_type": queue_type}).queue_declare(queue)
     connection = await aiormq.connect(url)
     channel = await connection.channel(publisher_confirms=True)
-    await channel.queue_declare(queue, durable=True)
+    await channel.queue_declare(queue, durable=True, arguments=dict(declare.arguments))
     for start in range(0, len(messages), 1000):
         await asyncio.gather(
             *(

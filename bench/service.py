@@ -25,7 +25,8 @@ per scenario what it checks. Timed from the start of the drain to its last ackno
 notifications from the first delivery, with and without the last batch window.
 
     python bench/service.py [--messages 100000] [--notifications 100000] [--recipients 1000]
-                            [--notifications-prefetch N] [--scenario NAME ...] [--postgres URL]
+                            [--notifications-prefetch N] [--queue-type quorum|classic]
+                            [--scenario NAME ...] [--postgres URL]
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ from _common import (
 )
 from rabbitmq import ACK_EVERY, PREFETCH, Latencies, bare_aiormq
 
+from ingest.service.settings import PipelineSettings
+
 OPEN_EVENTS = ("cinema", "musical")  # no closed events: every booking becomes a ticket
 POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 REF = re.compile(r"\(ref ([^)\s]+)\)")  # pipelines.mail.digest: one line per notification
@@ -81,6 +84,7 @@ class Drain:
     database_url: str = ""
     smtp_url: str = ""
     prefetch: int | None = None  # notifications: None is the pipeline's own (100)
+    queue_type: str = "quorum"
 
     @property
     def notifications_queue(self) -> str:
@@ -101,7 +105,12 @@ async def bare_confirmed_publish(drain: Drain, probe: Probe) -> dict[str, Any]:
     connection = await aiormq.connect(drain.url)
     consuming = await connection.channel()
     publishing = await connection.channel(publisher_confirms=True)
-    await publishing.queue_declare(drain.notifications_queue, durable=True)
+    declare = PipelineSettings.model_validate({"queue_type": drain.queue_type}).queue_declare(
+        drain.notifications_queue
+    )
+    await publishing.queue_declare(
+        drain.notifications_queue, durable=True, arguments=dict(declare.arguments)
+    )
     await consuming.basic_qos(prefetch_count=PREFETCH)
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
@@ -190,9 +199,10 @@ async def hosted(
         database_url=drain.database_url,
         smtp_url=drain.smtp_url or None,
         pipelines={
-            "bookings": {"queue": drain.queue},
+            "bookings": {"queue": drain.queue, "queue_type": drain.queue_type},
             "notifications": {
                 "queue": drain.notifications_queue,
+                "queue_type": drain.queue_type,
                 "prefetch_count": drain.prefetch,
             },
         },
@@ -457,6 +467,7 @@ class Run:
     notifications: int
     recipients: int
     notifications_prefetch: int | None = None
+    queue_type: str = "quorum"
     broker_pid: int | None = None
     postgres_error: str | None = None
     rng: random.Random = field(default_factory=lambda: random.Random(11))
@@ -490,7 +501,7 @@ def run_scenario(run: Run, scenario: str) -> dict[str, Any]:
     label = scenario
     with contextlib.ExitStack() as cleanup:
         queue = f"bench-{scenario}-{uuid.uuid4().hex[:8]}"
-        drain = Drain(run.url, queue, run.messages)
+        drain = Drain(run.url, queue, run.messages, queue_type=run.queue_type)
         cleanup.callback(delete_queues, run.url, [queue, f"{queue}-notifications"])
         directory = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="ingest-bench-"))
         sqlite = f"sqlite+aiosqlite:///{directory}/tickets.db"
@@ -506,6 +517,7 @@ def run_scenario(run: Run, scenario: str) -> dict[str, Any]:
                 sqlite,
                 smtp.url,
                 run.notifications_prefetch,
+                run.queue_type,
             )
             messages, expected = notification_messages(run.notifications, run.recipients, run.rng)
             extra = {
@@ -520,11 +532,18 @@ def run_scenario(run: Run, scenario: str) -> dict[str, Any]:
                 if not on_postgres:
                     label = scenario.replace("postgresql", "sqlite")
                 url = cleanup.enter_context(postgres_database(run.postgres)) if on_postgres else ""
-                drain = Drain(run.url, queue, run.messages, "bookings", url or sqlite)
+                drain = Drain(
+                    run.url,
+                    queue,
+                    run.messages,
+                    "bookings",
+                    url or sqlite,
+                    queue_type=run.queue_type,
+                )
                 extra = {"database": "postgresql" if on_postgres else "sqlite"}
         print(f"{label}: filling {queue} with {len(messages)} messages", file=sys.stderr)
         content_type = "application/json" if smtp else None
-        asyncio.run(fill_queue(run.url, queue, messages, content_type))
+        asyncio.run(fill_queue(run.url, queue, messages, content_type, run.queue_type))
         background = broker_background_pct(run.broker_pid)
         print(f"{label}: draining", file=sys.stderr)
         smtp_cpu = cpu_seconds(smtp.pid) if smtp else 0.0
@@ -596,6 +615,12 @@ def main() -> None:
     parser.add_argument("--notifications", type=int, default=100_000)
     parser.add_argument("--recipients", type=int, default=1_000)
     parser.add_argument(
+        "--queue-type",
+        choices=("quorum", "classic"),
+        default="quorum",
+        help="the work queues' type, as INGEST_PIPELINES__<NAME>__QUEUE_TYPE (quorum)",
+    )
+    parser.add_argument(
         "--notifications-prefetch",
         type=int,
         help="the notifications pipeline's prefetch_count (default: its own, 100)",
@@ -625,6 +650,7 @@ def main() -> None:
         args.notifications,
         args.recipients,
         args.notifications_prefetch,
+        args.queue_type,
     )
     run.broker_pid = find_broker_pid()
     scenarios = args.scenario or SCENARIOS

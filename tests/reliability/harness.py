@@ -21,6 +21,7 @@ from typing import Any
 import aiormq
 
 from ingest.rabbitmq.acknowledger import retry_queue_name
+from ingest.service.settings import PipelineSettings
 from tests.support import Broker, free_port, queue_depth
 
 SCALE = float(os.environ.get("INGEST_RELIABILITY_SCALE", "1"))
@@ -271,7 +272,9 @@ async def publish_bookings(broker: Broker, queue: str, ids: list[str]) -> None:
     """Publish valid bookings (users 1-3, open events), persistent and confirmed."""
     connection = await aiormq.connect(broker.amqp_url)
     channel = await connection.channel(publisher_confirms=True)
-    await channel.queue_declare(queue, durable=True)
+    # Declared as the service declares it (a quorum queue, by default).
+    declare = PipelineSettings().queue_declare(queue)
+    await channel.queue_declare(queue, durable=True, arguments=dict(declare.arguments))
     events = ("cinema", "musical", "comedy")
     window: list[Any] = []
     for index, message_id in enumerate(ids):

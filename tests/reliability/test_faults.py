@@ -181,6 +181,51 @@ async def test_the_mail_server_and_the_database_going_away_lose_nothing(
     )
 
 
+async def test_a_database_outage_longer_than_every_retry_dead_letters_nothing(
+    broker: Broker, service: ServiceProcess, smtp: SmtpServer
+) -> None:
+    """The tickets table gone for 20 s, six times the whole retry schedule (3 attempts,
+    3.5 s), with bookings arriving: the circuit breaker opens and holds the backlog in the
+    work queue; nothing is dead-lettered (settle() checks the dead-letter queues)."""
+    service.extra.update(
+        {
+            "INGEST_PIPELINES__BOOKINGS__RETRY_MAX_ATTEMPTS": "3",
+            "INGEST_PIPELINES__BOOKINGS__CIRCUIT_BREAKER__OPEN_DELAY": "1",
+            "INGEST_PIPELINES__BOOKINGS__CIRCUIT_BREAKER__MAX_OPEN_DELAY": "4",
+        }
+    )
+    ids = booking_ids(scaled(3000))
+    await service.start()
+    await publish_bookings(broker, service.bookings_queue, ids[: len(ids) // 3])
+    await until_tickets(service, len(ids) // 6)
+    await asyncio.to_thread(_block_database, service.database)
+    await publish_bookings(broker, service.bookings_queue, ids[len(ids) // 3 :])
+
+    async def circuit_open() -> bool:
+        _, text = await service.get("/metrics")
+        return 'ingest_circuit_state{pipeline="bookings"} 2.0' in text
+
+    await wait_for(circuit_open, 30, "the circuit to open")
+    await asyncio.sleep(OUTAGE_S)
+    assert await service.alive()
+    await asyncio.to_thread(_unblock_database, service.database)
+    restored = time.monotonic()
+    outcome = await settle(service, broker, ids)
+    assert outcome == CLEAN
+    record_outcome(
+        "database down longer than the retries",
+        f"tickets table gone {OUTAGE_S:g} s (retry schedule 3.5 s, 3 attempts)",
+        ids,
+        outcome,
+        smtp.inbox,
+        time.monotonic() - restored,
+        service,
+    )
+
+
+OUTAGE_S = 20.0
+
+
 def _block_database(path: object) -> None:
     import sqlite3
 
