@@ -66,8 +66,6 @@ from _common import (
 )
 from rabbitmq import ACK_EVERY, PREFETCH, Latencies, bare_aiormq
 
-from ingest.service.settings import PipelineSettings
-
 OPEN_EVENTS = ("cinema", "musical")  # no closed events: every booking becomes a ticket
 POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 REF = re.compile(r"\(ref ([^)\s]+)\)")  # pipelines.mail.digest: one line per notification
@@ -105,6 +103,8 @@ async def bare_confirmed_publish(drain: Drain, probe: Probe) -> dict[str, Any]:
     connection = await aiormq.connect(drain.url)
     consuming = await connection.channel()
     publishing = await connection.channel(publisher_confirms=True)
+    from ingest.service.settings import PipelineSettings
+
     declare = PipelineSettings.model_validate({"queue_type": drain.queue_type}).queue_declare(
         drain.notifications_queue
     )

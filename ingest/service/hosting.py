@@ -21,7 +21,6 @@ from ingest.rabbitmq.acknowledger import retry_queue_name
 from ingest.rabbitmq.producer import RabbitMQProducer
 from ingest.rabbitmq.stats import ProducerStats
 from ingest.service import dlq
-from ingest.service.http import HttpServer
 from ingest.service.logging import FAILURE_EVENTS, log_failures
 from ingest.service.metrics import Metrics
 from ingest.service.queue_depth import QueueDepths
@@ -152,6 +151,10 @@ async def serve(
     for item in hosted.values():
         metrics.watch(item.pipeline, item.ready, item.stats)
         item.pipeline.events.subscribe(log_failures, kinds=FAILURE_EVENTS)
+    # Imported here: aiohttp's server costs ~9 MB of RSS, which the commands that only
+    # build pipelines (publish, topology, dlq) and the benchmarks do not need.
+    from ingest.service.http import HttpServer
+
     http = HttpServer(
         settings.http_host,
         settings.http_port,
