@@ -175,9 +175,11 @@ def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
         notifier: Notifier = FileNotifier(source.with_name(f"{source.stem}.notifications.jsonl"))
     else:
         url = settings.amqp_url.get_secret_value()
+        queue = config.queue or QUEUE
         producer = RabbitMQProducer(
             RabbitMQOptions(
-                queue=config.queue or QUEUE,
+                queue=queue,
+                declare=config.queue_declare(queue),
                 url=url,
                 connection_name=client_name("ingest-bookings"),
                 prefetch_count=config.prefetch_count,
@@ -188,7 +190,11 @@ def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
         publisher = Publisher(
             url,
             connection_name=client_name("ingest-bookings-publisher"),
-            declare_queues=(notifications_queue,),
+            declare_queues={
+                notifications_queue: settings.pipeline("notifications").queue_declare(
+                    notifications_queue
+                )
+            },
         )
         notifier = QueueNotifier(publisher)
     handlers = BookingHandlers(

@@ -100,9 +100,11 @@ def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
     if source is not None:
         producer = CsvFileProducer(source)
     else:
+        queue = config.queue or QUEUE
         producer = RabbitMQProducer(
             RabbitMQOptions(
-                queue=config.queue or QUEUE,
+                queue=queue,
+                declare=config.queue_declare(queue),
                 url=settings.amqp_url.get_secret_value(),
                 connection_name=client_name("ingest-notifications"),
                 prefetch_count=config.prefetch_count or PREFETCH,
