@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiormq
+import pytest
 from aiormq.abc import DeliveredMessage
+from sqlalchemy.engine import make_url
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -155,3 +157,14 @@ class TcpProxy:
         finally:
             writer.close()
             self._writers.discard(writer)
+
+
+async def postgres_through_a_proxy(database_url: str) -> tuple[TcpProxy, str]:
+    """A listening TcpProxy in front of the PostgreSQL server of `database_url`, and the
+    URL through it; the test is skipped on another database (no server to cut off)."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("a database server to cut off: PostgreSQL")
+    url = make_url(database_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    await proxy.resume()
+    return proxy, url.set(host="127.0.0.1", port=proxy.port).render_as_string(False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -134,6 +136,24 @@ def metric(text: str, name: str, **labels: str) -> float:
         if metric_name == name and ",".join(sorted(rest.rstrip("}").split(","))) == wanted:
             return float(value)
     return 0.0
+
+
+async def run_cli(*args: str, **environment: str) -> tuple[int, str]:
+    """`python -m ingest <args>` with these INGEST_* variables (no others, no config file):
+    its exit code, and its standard output and error together."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGEST_")}
+    env.update({"INGEST_CONFIG": os.devnull + ".toml", **environment})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ingest",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    return process.returncode or 0, out.decode()
 
 
 def headers_json(headers: dict[str, Any]) -> str:

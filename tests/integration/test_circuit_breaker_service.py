@@ -11,12 +11,10 @@ import json
 from typing import Any
 
 import aiormq
-import pytest
-from sqlalchemy.engine import make_url
 
 from ingest.rabbitmq.acknowledger import retry_queue_name
 from pipelines.db import Database
-from tests.support import TcpProxy
+from tests.support import postgres_through_a_proxy
 
 from .conftest import Broker, eventually, queue_depth
 from .service import metric, publish_from_ui, running_service
@@ -33,12 +31,7 @@ async def test_a_database_outage_longer_than_the_retries_dead_letters_nothing(
     tmp_path: Any,
     amqp: aiormq.abc.AbstractChannel,
 ) -> None:
-    if not database_url.startswith("postgresql"):
-        pytest.skip("a database server to cut off: PostgreSQL")
-    url = make_url(database_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
-    await proxy.resume()
-    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(False)
+    proxy, proxied = await postgres_through_a_proxy(database_url)
     queue = f"{queue_name}-bookings"
     direct = Database(database_url)  # the test's own view, not through the proxy
     try:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,7 +21,7 @@ from ingest.rabbitmq.dead_letters import DeadLetters
 from pipelines.db import users
 
 from .conftest import Broker, eventually, queue_depth
-from .service import RunningService, metric, publish_from_ui, running_service
+from .service import RunningService, metric, publish_from_ui, run_cli, running_service
 
 TOKEN = "dlq-admin-token"
 
@@ -45,24 +43,12 @@ async def service(broker: Broker, queue_name: str, tmp_path: Any) -> AsyncIterat
 
 
 async def ingest(broker: Broker, queue_name: str, *args: str) -> tuple[int, str]:
-    env = {
-        **os.environ,
-        "INGEST_CONFIG": os.devnull + ".toml",
-        "INGEST_AMQP_URL": broker.amqp_url,
-        "INGEST_PIPELINES__BOOKINGS__QUEUE": f"{queue_name}-bookings",
-        "INGEST_PIPELINES__NOTIFICATIONS__QUEUE": f"{queue_name}-notifications",
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ingest",
+    return await run_cli(
         *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        INGEST_AMQP_URL=broker.amqp_url,
+        INGEST_PIPELINES__BOOKINGS__QUEUE=f"{queue_name}-bookings",
+        INGEST_PIPELINES__NOTIFICATIONS__QUEUE=f"{queue_name}-notifications",
     )
-    out, _ = await process.communicate()
-    return process.returncode or 0, out.decode()
 
 
 async def tickets(running: RunningService) -> set[str]:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -16,7 +14,7 @@ import aiormq
 import pytest
 
 from .conftest import Broker, eventually, queue_depth
-from .service import RunningService, metric, publish_from_ui, running_service
+from .service import RunningService, metric, publish_from_ui, run_cli, running_service
 
 TOKEN = "s3cret-admin-token"
 
@@ -50,20 +48,8 @@ def post(url: str, token: str | None) -> tuple[int, dict[str, object]]:
 
 
 async def ingest(running: RunningService, *args: str) -> tuple[int, str]:
-    env = {**os.environ, "INGEST_HTTP_PORT": str(running.settings.http_port)}
-    env["INGEST_ADMIN_TOKEN"] = TOKEN
-    env["INGEST_CONFIG"] = os.devnull + ".toml"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ingest",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await process.communicate()
-    return process.returncode or 0, out.decode()
+    port = str(running.settings.http_port)
+    return await run_cli(*args, INGEST_HTTP_PORT=port, INGEST_ADMIN_TOKEN=TOKEN)
 
 
 async def consumers(broker: Broker, queue: str) -> int:

@@ -11,11 +11,10 @@ from typing import Any
 
 import aiormq
 import pytest
-from sqlalchemy.engine import make_url
 
 from ingest.rabbitmq import REASON_HEADER
 from pipelines.db import Database
-from tests.support import TcpProxy
+from tests.support import postgres_through_a_proxy
 
 from .conftest import Broker, drain_queue, eventually, queue_depth
 from .service import Inbox, RunningService, metric, publish_from_ui, running_service, smtp_server
@@ -258,12 +257,7 @@ async def test_a_database_server_going_away_is_retried_until_it_returns(
 ) -> None:
     """The connection-level outage: PostgreSQL refuses connections and the pooled ones
     are cut (through a proxy), then it comes back. The pool reconnects; nothing is lost."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("a database server to cut off: PostgreSQL")
-    url = make_url(database_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
-    await proxy.resume()
-    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(False)
+    proxy, proxied = await postgres_through_a_proxy(database_url)
     async with quick_retries(broker, queues, proxied, tmp_path) as running:
         direct = Database(database_url)  # the test's own view, not through the proxy
 
