@@ -21,6 +21,7 @@ from ingest.rabbitmq.acknowledger import retry_queue_name
 from ingest.rabbitmq.producer import RabbitMQProducer
 from ingest.rabbitmq.stats import ProducerStats
 from ingest.service import dlq
+from ingest.service.activity import Activity, snapshot
 from ingest.service.logging import FAILURE_EVENTS, log_failures
 from ingest.service.metrics import Metrics
 from ingest.service.queue_depth import QueueDepths
@@ -151,6 +152,15 @@ async def serve(
     for item in hosted.values():
         metrics.watch(item.pipeline, item.ready, item.stats)
         item.pipeline.events.subscribe(log_failures, kinds=FAILURE_EVENTS)
+    depths = QueueDepths(
+        settings.amqp_url.get_secret_value(),
+        {name: queues for name, item in hosted.items() if (queues := _queues_of(item))},
+        settings.queue_depth_interval,
+    )
+    metrics.registry.register(depths)
+    activities = {name: Activity(item.pipeline) for name, item in hosted.items()}
+    prefetch = {name: _prefetch_of(item) for name, item in hosted.items()}
+    not_ready = {name: item.not_ready for name, item in hosted.items()}
     # Imported here: aiohttp's server costs ~9 MB of RSS, which the commands that only
     # build pipelines (publish, topology, dlq) and the benchmarks do not need.
     from ingest.service.http import HttpServer
@@ -159,7 +169,7 @@ async def serve(
         settings.http_host,
         settings.http_port,
         metrics.registry,
-        {name: item.not_ready for name, item in hosted.items()},
+        not_ready,
         {name: item.pipeline for name, item in hosted.items()},
         settings.admin_token.get_secret_value() if settings.admin_token else None,
         {
@@ -167,6 +177,7 @@ async def serve(
             for name, item in hosted.items()
             if item.queue is not None and item.stats is not None  # consumed from RabbitMQ
         },
+        lambda: snapshot(activities, not_ready, prefetch, depths.ready),
     )
     try:
         await http.start()
@@ -174,13 +185,7 @@ async def serve(
         raise StartupError(
             f"cannot serve HTTP on {settings.http_host}:{settings.http_port}: {exc.strerror or exc}"
         ) from exc
-    depths = QueueDepths(
-        settings.amqp_url.get_secret_value(),
-        {name: queues for name, item in hosted.items() if (queues := _queues_of(item))},
-        settings.queue_depth_interval,
-    )
     reading = asyncio.create_task(depths.run(), name="queue depths") if depths.queues else None
-    metrics.registry.register(depths)
     stop = stop or asyncio.Event()
     failed: list[Pipeline] = []
     loop = asyncio.get_running_loop()
@@ -233,3 +238,11 @@ def _queues_of(item: HostedPipeline) -> list[str]:
     if options.dlq_name:
         queues.append(options.dlq_name)
     return queues
+
+
+def _prefetch_of(item: HostedPipeline) -> int | None:
+    """How many unacknowledged messages the broker may hand a RabbitMQ pipeline."""
+    producer = item.pipeline.producer
+    if not isinstance(producer, RabbitMQProducer):
+        return None
+    return sum(producer.prefetch_of(i) for i in range(producer.options.concurrency))

@@ -8,7 +8,10 @@ settings, not our code. Starlette would need uvicorn's server beside it for the 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
+import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -25,6 +28,7 @@ from ingest.service import dlq
 logger = structlog.get_logger("ingest.service.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+EVENT_INTERVAL_S = 1.0
 
 
 class HttpServer:
@@ -45,6 +49,7 @@ class HttpServer:
         pipelines: Mapping[str, Pipeline],
         admin_token: str | None = None,
         dead_letters: Mapping[str, Callable[[], DeadLetters]] | None = None,
+        snapshot: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -52,17 +57,22 @@ class HttpServer:
         self.readiness = readiness
         self.pipelines = pipelines
         self.dead_letters = dead_letters or {}
+        self.snapshot = snapshot
+        self._closing = asyncio.Event()  # ends the event streams when the server stops
         self._admin_token = admin_token.encode() if admin_token else None
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/api/snapshot", self._snapshot)
+        app.router.add_get("/events", self._events)
         app.router.add_post("/pipelines/{name}/pause", self._admin(self._pause))
         app.router.add_post("/pipelines/{name}/resume", self._admin(self._resume))
         app.router.add_get("/pipelines/{name}/dlq", self._admin(self._dlq_show))
         app.router.add_post("/pipelines/{name}/dlq/replay", self._admin(self._dlq_replay))
         app.router.add_post("/pipelines/{name}/dlq/purge", self._admin(self._dlq_purge))
-        self._runner = web.AppRunner(app, access_log=None)
+        # A stopping server waits this long for open requests (event streams end at once).
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
 
     async def start(self) -> None:
         await self._runner.setup()
@@ -73,6 +83,7 @@ class HttpServer:
         logger.info("http server listening", host=self.host, port=self.port)
 
     async def stop(self) -> None:
+        self._closing.set()
         await self._runner.cleanup()
 
     # -- read-only ------------------------------------------------------------------------
@@ -92,6 +103,30 @@ class HttpServer:
         if problems:
             body["not_ready"] = problems
         return web.json_response(body, status=200 if reasons and not problems else 503)
+
+    async def _snapshot(self, request: web.Request) -> web.Response:
+        if self.snapshot is None:
+            return _error(404, "no live figures in this service")
+        return web.json_response(self.snapshot())
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: the snapshot once a second, until the client goes away or
+        the server stops."""
+        if self.snapshot is None:
+            return _error(404, "no live figures in this service")
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        try:
+            while not self._closing.is_set():
+                await response.write(f"data: {json.dumps(self.snapshot())}\n\n".encode())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(EVENT_INTERVAL_S):
+                        await self._closing.wait()
+        except ConnectionResetError:
+            pass  # the client went away
+        return response
 
     # -- admin ----------------------------------------------------------------------------
 

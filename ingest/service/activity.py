@@ -1,0 +1,124 @@
+"""Activity: what the service's live view shows of each pipeline, kept on the server so
+that a view opened late still has the history.
+
+`Activity` follows one pipeline's events: messages received, succeeded and failed per
+second over the last 15 minutes, batches by what closed them, the last 50 failures.
+`snapshot()` puts that together with the pipeline's state (running, paused, circuit,
+restarts, in flight, readiness), its topology and its queues' depths: the JSON of
+`GET /api/snapshot` and of each `GET /events` message."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ingest.events import Event, EventKind
+from ingest.pipeline import Pipeline
+
+HISTORY_S = 15 * 60
+FAILURES_KEPT = 50
+OBSERVED: frozenset[EventKind] = frozenset(("processor.start", "ack", "batch.stop"))
+
+
+class Activity:
+    def __init__(self, pipeline: Pipeline, clock: Callable[[], float] = time.time) -> None:
+        self.pipeline = pipeline
+        self.clock = clock
+        # One [second, received, successful, failed] per second that saw any.
+        self._seconds: deque[list[int]] = deque()
+        self.triggers: Counter[str] = Counter()
+        self.failures: deque[dict[str, Any]] = deque(maxlen=FAILURES_KEPT)
+        pipeline.events.subscribe(self.on_event, kinds=OBSERVED)
+
+    def on_event(self, event: Event) -> None:
+        if event.kind == "processor.start":
+            self._count(0, len(event.messages))
+        elif event.kind == "ack":
+            self._count(1, event.successful)
+            self._count(2, event.failed)
+            if event.failed:
+                self._keep_failures(event)
+        elif event.batch_info is not None:  # batch.stop
+            self.triggers[event.batch_info.trigger] += 1
+
+    def rates(self) -> dict[str, list[int]]:
+        """Per second over the last HISTORY_S seconds, oldest first (the current second,
+        still counting, left out)."""
+        now = int(self.clock())
+        start = now - HISTORY_S
+        series = {
+            "received": [0] * HISTORY_S,
+            "successful": [0] * HISTORY_S,
+            "failed": [0] * HISTORY_S,
+        }
+        for second, received, successful, failed in self._seconds:
+            if start <= second < now:
+                index = second - start
+                series["received"][index] = received
+                series["successful"][index] = successful
+                series["failed"][index] = failed
+        return series
+
+    def _count(self, column: int, count: int) -> None:
+        if not count:
+            return
+        second = int(self.clock())
+        seconds = self._seconds
+        if not seconds or seconds[-1][0] != second:
+            seconds.append([second, 0, 0, 0])
+            while seconds[0][0] <= second - HISTORY_S:
+                seconds.popleft()
+        seconds[-1][column + 1] += count
+
+    def _keep_failures(self, event: Event) -> None:
+        when = self.clock()
+        for message in event.messages:
+            if not message.is_ok:
+                self.failures.append(
+                    {
+                        "time": when,
+                        "message_id": _text(message.metadata.get("message_id")),
+                        "reason": message.failure_reason,
+                        "stage": event.stage,
+                    }
+                )
+
+
+def snapshot(
+    activities: Mapping[str, Activity],
+    not_ready: Mapping[str, Callable[[], str | None]],
+    prefetch: Mapping[str, int | None],
+    queues: Mapping[tuple[str, str], int],
+) -> dict[str, Any]:
+    """Every pipeline's live figures, as JSON."""
+    pipelines: dict[str, Any] = {}
+    for name, activity in activities.items():
+        pipeline = activity.pipeline
+        pipelines[name] = {
+            "state": pipeline.state,
+            "ready": not_ready[name]() is None,
+            "not_ready": not_ready[name](),
+            "paused": pipeline.paused,
+            "holds": sorted(pipeline.holds),
+            "circuit": pipeline.circuit_state,
+            "restarts": pipeline.crashes,
+            "in_flight": pipeline.in_flight,
+            "prefetch": prefetch.get(name),
+            "topology": dataclasses.asdict(pipeline.topology()),
+            "rates": activity.rates(),
+            "batches_by_trigger": dict(activity.triggers),
+            "failures": list(activity.failures)[::-1],  # newest first
+            "queues": {q: n for (p, q), n in sorted(queues.items()) if p == name},
+        }
+    return {"time": time.time(), "history_s": HISTORY_S, "pipelines": pipelines}
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)

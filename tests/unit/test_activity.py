@@ -1,0 +1,76 @@
+"""Activity: a pipeline's messages per second over 15 minutes, its batches by trigger and
+its last failures, from its events; and the snapshot the live view reads."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ingest import Batcher, Handlers, Message
+from ingest.service.activity import FAILURES_KEPT, HISTORY_S, Activity, snapshot
+from ingest.testing import push_messages
+
+from .conftest import MakePipeline
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Some(Handlers):
+    async def handle_message(self, processor: str, message: Message, context: Any) -> Message:
+        if message.data == "bad":
+            return message.failed("bad payload")
+        return message.put_batcher("b")
+
+    async def handle_batch(self, batcher, messages, batch_info, context):  # type: ignore[no-untyped-def]
+        return messages
+
+
+async def test_counts_per_second_kept_for_fifteen_minutes(make_pipeline: MakePipeline) -> None:
+    pipeline = await make_pipeline(Some(), batchers={"b": Batcher(batch_size=3)})
+    clock = Clock()
+    activity = Activity(pipeline, clock)
+    await (await push_messages(pipeline, ["a", "b", "c", "bad"])).wait()
+    clock.now += 1
+    rates = activity.rates()
+    assert [len(series) for series in rates.values()] == [HISTORY_S] * 3
+    assert (rates["received"][-1], rates["successful"][-1], rates["failed"][-1]) == (4, 3, 1)
+    assert activity.triggers == {"size": 1}
+    [failure] = activity.failures
+    assert (failure["reason"], failure["stage"]) == ("bad payload", "processor_0")
+    clock.now += HISTORY_S  # a quarter of an hour later: gone from the window
+    assert sum(activity.rates()["received"]) == 0
+
+
+async def test_only_the_last_failures_are_kept(make_pipeline: MakePipeline) -> None:
+    pipeline = await make_pipeline(Some())
+    activity = Activity(pipeline)
+    await (await push_messages(pipeline, ["bad"] * (FAILURES_KEPT + 10))).wait()
+    assert len(activity.failures) == FAILURES_KEPT
+
+
+async def test_the_snapshot_is_json_with_state_topology_and_queues(
+    make_pipeline: MakePipeline,
+) -> None:
+    pipeline = await make_pipeline(Some(), batchers={"b": Batcher(batch_size=3)})
+    activity = Activity(pipeline)
+    await pipeline.pause()
+    taken = snapshot(
+        {"test": activity},
+        {"test": lambda: "paused"},
+        {"test": 450},
+        {
+            ("test", "q"): 7,
+            ("other", "x"): 1,
+        },
+    )
+    view = json.loads(json.dumps(taken))["pipelines"]["test"]
+    assert view["state"] == "running"
+    assert (view["ready"], view["not_ready"], view["paused"]) == (False, "paused", True)
+    assert (view["prefetch"], view["queues"]) == (450, {"q": 7})
+    assert [group["name"] for group in view["topology"]["batchers"]] == ["b"]
