@@ -13,6 +13,7 @@ import contextlib
 import hmac
 import json
 from collections.abc import Awaitable, Callable, Mapping
+from importlib import resources
 from typing import Any
 
 import aiormq
@@ -28,6 +29,7 @@ from ingest.service import dlq
 logger = structlog.get_logger("ingest.service.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_PAGE = resources.files("ingest.service").joinpath("static/index.html").read_bytes()
 EVENT_INTERVAL_S = 1.0
 
 
@@ -64,6 +66,7 @@ class HttpServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/", self._page)
         app.router.add_get("/api/snapshot", self._snapshot)
         app.router.add_get("/events", self._events)
         app.router.add_post("/pipelines/{name}/pause", self._admin(self._pause))
@@ -103,6 +106,11 @@ class HttpServer:
         if problems:
             body["not_ready"] = problems
         return web.json_response(body, status=200 if reasons and not problems else 503)
+
+    async def _page(self, request: web.Request) -> web.Response:
+        """The live view: one HTML file with its CSS and JavaScript inline (no CDN, no
+        build step), reading /events."""
+        return web.Response(body=_PAGE, content_type="text/html", charset="utf-8")
 
     async def _snapshot(self, request: web.Request) -> web.Response:
         if self.snapshot is None:

@@ -1,0 +1,114 @@
+"""The live page in a real browser (Debian's Chromium, driven by Playwright): both
+pipelines and their topology, counters and sparklines that move as bookings go through,
+and pausing a pipeline from the page. Each test saves a screenshot under
+var/artifacts/; with INGEST_UPDATE_SCREENSHOT=1 the first also writes docs/dashboard.png,
+the README's picture."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from tests.integration.service import RunningService, publish_from_ui, running_service
+from tests.support import Broker, eventually
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "var" / "artifacts"
+TOKEN = "page-admin-token"
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
+        pytest.skip("Debian's chromium is not installed")
+    return path
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=chromium(), args=["--no-sandbox"], headless=True
+        )
+        yield launched
+        await launched.close()
+
+
+@pytest.fixture
+async def service(broker: Broker, queue_name: str, tmp_path: Any) -> AsyncIterator[RunningService]:
+    async with running_service(
+        amqp_url=broker.amqp_url,
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/tickets.db",
+        mail_outbox=tmp_path / "outbox",
+        admin_token=TOKEN,
+        queue_depth_interval=0.5,
+        pipelines={
+            "bookings": {"queue": f"{queue_name}-bookings"},
+            "notifications": {"queue": f"{queue_name}-notifications"},
+        },
+    ) as running:
+        yield running
+
+
+async def screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+async def test_the_page_shows_both_pipelines_and_moves_with_the_bookings(
+    browser: Browser, broker: Broker, queue_name: str, service: RunningService
+) -> None:
+    page = await browser.new_page(viewport={"width": 1280, "height": 900})
+    await page.goto(service.http + "/")
+    await expect(page.locator("#stream")).to_have_text("live", timeout=10_000)
+    for name in ("bookings", "notifications"):
+        card = page.locator(f'[data-pipeline="{name}"]')
+        await expect(card.locator("svg[aria-label^='topology'] g.stage")).not_to_have_count(0)
+    bookings = page.locator('[data-pipeline="bookings"]')
+    await expect(
+        bookings.locator("svg[aria-label^='topology'] text", has_text="batcher cinema")
+    ).to_have_count(1)
+    await expect(bookings.locator("[data-health]")).to_have_text("running")
+
+    for n in range(200):
+        publish_from_ui(broker, f"{queue_name}-bookings", f"cinema,{n % 3 + 1}", f"page-{n}")
+    await expect(bookings.locator('[data-figure="successful"]')).to_have_text("200", timeout=20_000)
+    # The sparkline of received messages has a peak now.
+    peak = await bookings.locator("svg.sparkline").first.get_attribute("aria-label")
+    assert peak is not None
+    assert peak != "peak 1 a second"
+    await screenshot(page, "live-page")
+    if os.environ.get("INGEST_UPDATE_SCREENSHOT"):
+        await page.screenshot(path=str(ROOT / "docs" / "dashboard.png"), full_page=True)
+
+
+async def test_pausing_from_the_page_pauses_the_pipeline(
+    browser: Browser, service: RunningService
+) -> None:
+    page = await browser.new_page(viewport={"width": 390, "height": 844})  # a phone
+    await page.goto(service.http + "/")
+    bookings = page.locator('[data-pipeline="bookings"]')
+    pause = bookings.locator('button[data-action="pause"]')
+    await expect(pause).to_be_disabled()  # read-only without the token
+    await page.fill("#token", TOKEN)
+    await expect(pause).to_be_enabled()
+    await pause.click()
+    pipeline = service.hosted["bookings"].pipeline
+
+    async def paused() -> bool:
+        return pipeline.paused
+
+    await eventually(paused, timeout=10)
+    await expect(bookings.locator("[data-health]")).to_have_text("paused", timeout=5_000)
+    await screenshot(page, "paused-on-a-phone")
+    await bookings.locator('button[data-action="resume"]').click()
+    await expect(bookings.locator("[data-health]")).to_have_text("running", timeout=5_000)
+    assert not pipeline.paused
