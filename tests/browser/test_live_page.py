@@ -1,8 +1,8 @@
 """The live page in a real browser (Debian's Chromium, driven by Playwright): both
 pipelines and their topology, counters and sparklines that move as bookings go through,
-and pausing a pipeline from the page. Each test saves a screenshot under
-var/artifacts/; with INGEST_UPDATE_SCREENSHOT=1 the first also writes docs/dashboard.png,
-the README's picture."""
+pausing a pipeline from the page, and replaying a dead letter from it into a ticket. Each
+test saves a screenshot under var/artifacts/; with INGEST_UPDATE_SCREENSHOT=1 the first
+also writes docs/dashboard.png, the README's picture."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
+from sqlalchemy import insert, select
 
+from pipelines.db import tickets, users
 from tests.integration.service import RunningService, publish_from_ui, running_service
 from tests.support import Broker, eventually
 
@@ -112,3 +114,33 @@ async def test_pausing_from_the_page_pauses_the_pipeline(
     await bookings.locator('button[data-action="resume"]').click()
     await expect(bookings.locator("[data-health]")).to_have_text("running", timeout=5_000)
     assert not pipeline.paused
+
+
+async def test_replaying_a_dead_letter_from_the_page_turns_it_into_a_ticket(
+    browser: Browser, broker: Broker, queue_name: str, service: RunningService
+) -> None:
+    publish_from_ui(broker, f"{queue_name}-bookings", "cinema,999", "stranger-1")
+    page = await browser.new_page(viewport={"width": 1280, "height": 900})
+    await page.goto(service.http + "/")
+    await page.fill("#token", TOKEN)
+    bookings = page.locator('[data-pipeline="bookings"]')
+    await expect(bookings.locator("td", has_text="unknown user 999")).to_have_count(
+        1, timeout=15_000
+    )  # among the last failures
+    await bookings.locator('button[data-action="dlq"]').click()
+    output = bookings.locator("output")
+    await expect(output).to_contain_text("1 dead letter(s)")
+    await expect(output).to_contain_text("stranger-1")
+    db = service.hosted["bookings"].pipeline.handlers.db  # type: ignore[attr-defined]
+    async with db.engine.begin() as connection:  # the cause is fixed: the user exists now
+        await connection.execute(insert(users).values(id=999, email="new@email.com"))
+    await bookings.locator('button[data-action="dlq/replay"]').click()
+    await expect(output).to_contain_text('"replayed":1')
+    await screenshot(page, "dead-letter-replayed")
+
+    async def ticketed() -> bool:
+        async with db.engine.connect() as connection:
+            rows = await connection.execute(select(tickets.c.message_id))
+            return "stranger-1" in set(rows.scalars())
+
+    await eventually(ticketed, timeout=15)
