@@ -158,6 +158,13 @@ class Pipeline:
         runtime = self._supervisor.runtime
         return runtime.in_flight if runtime else 0
 
+    @property
+    def close_early_at(self) -> int | None:
+        """How many messages open batches may hold before the oldest closes early (3/4 of
+        what the producer may leave unacknowledged), or None when nothing bounds it."""
+        holds = self._producer_holds
+        return self._shape.hold_limit(holds) if holds and self.batchers else None
+
     # -- rate limiting -------------------------------------------------------------------
 
     @property

@@ -33,6 +33,11 @@ class RabbitMQProducer:
         return bool(self._consumers) and all(consumer.ready for consumer in self._consumers)
 
     @property
+    def consumers_ready(self) -> list[bool]:
+        """Each consumer: connected and consuming?"""
+        return [consumer.ready for consumer in self._consumers]
+
+    @property
     def concurrency(self) -> int:
         """How many consumers (connections) feed the pipeline; shown in the topology."""
         return self.options.concurrency

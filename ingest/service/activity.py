@@ -4,7 +4,8 @@ that a view opened late still has the history.
 `Activity` follows one pipeline's events: messages received, succeeded and failed per
 second over the last 15 minutes, batches by what closed them, the last 50 failures.
 `snapshot()` puts that together with the pipeline's state (running, paused, circuit,
-restarts, in flight, readiness), its topology and its queues' depths: the JSON of
+restarts, in flight against the prefetch and where open batches close early, readiness,
+each consumer's connection), its topology and its queues' depths: the JSON of
 `GET /api/snapshot` and of each `GET /events` message."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from ingest.events import Event, EventKind
 from ingest.pipeline import Pipeline
+from ingest.rabbitmq.producer import RabbitMQProducer
 
 HISTORY_S = 15 * 60
 FAILURES_KEPT = 50
@@ -107,6 +109,8 @@ def snapshot(
             "restarts": pipeline.crashes,
             "in_flight": pipeline.in_flight,
             "prefetch": prefetch.get(name),
+            "close_early_at": pipeline.close_early_at,
+            "consumers_ready": _consumers_ready(pipeline),
             "topology": dataclasses.asdict(pipeline.topology()),
             "rates": activity.rates(),
             "batches_by_trigger": dict(activity.triggers),
@@ -114,6 +118,12 @@ def snapshot(
             "queues": {q: n for (p, q), n in sorted(queues.items()) if p == name},
         }
     return {"time": time.time(), "history_s": HISTORY_S, "pipelines": pipelines}
+
+
+def _consumers_ready(pipeline: Pipeline) -> list[bool]:
+    """Each RabbitMQ consumer's state (connected and consuming); none for a file."""
+    producer = pipeline.producer
+    return producer.consumers_ready if isinstance(producer, RabbitMQProducer) else []
 
 
 def _text(value: Any) -> str | None:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiormq
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 from sqlalchemy import insert, select
@@ -66,7 +67,7 @@ async def screenshot(page: Page, name: str) -> None:
 
 
 async def test_the_page_shows_both_pipelines_and_moves_with_the_bookings(
-    browser: Browser, broker: Broker, queue_name: str, service: RunningService
+    browser: Browser, queue_name: str, service: RunningService, amqp: aiormq.abc.AbstractChannel
 ) -> None:
     page = await browser.new_page(viewport={"width": 1280, "height": 900})
     await page.goto(service.http + "/")
@@ -79,9 +80,16 @@ async def test_the_page_shows_both_pipelines_and_moves_with_the_bookings(
         bookings.locator("svg[aria-label^='topology'] text", has_text="batcher cinema")
     ).to_have_count(1)
     await expect(bookings.locator("[data-health]")).to_have_text("running")
+    await expect(bookings.locator('[data-consumer="0"]')).to_have_text("● consuming")
+    await expect(bookings.locator(".bar > .limit")).to_have_count(1)  # where batches close
 
+    # Over AMQP, without blocking the event loop the service runs in.
     for n in range(200):
-        publish_from_ui(broker, f"{queue_name}-bookings", f"cinema,{n % 3 + 1}", f"page-{n}")
+        await amqp.basic_publish(
+            f"cinema,{n % 3 + 1}".encode(),
+            routing_key=f"{queue_name}-bookings",
+            properties=aiormq.spec.Basic.Properties(delivery_mode=2, message_id=f"page-{n}"),
+        )
     await expect(bookings.locator('[data-figure="successful"]')).to_have_text("200", timeout=20_000)
     # The sparkline of received messages has a peak now.
     peak = await bookings.locator("svg.sparkline").first.get_attribute("aria-label")

@@ -56,6 +56,8 @@ async def test_the_snapshot_follows_the_bookings(
         False,
     )
     assert view["prefetch"] == 675
+    assert view["close_early_at"] == 506  # 3/4 of the prefetch
+    assert view["consumers_ready"] == [True]
     assert [failure["message_id"] for failure in view["failures"]] == ["bad-1"]
     assert view["batches_by_trigger"]  # closed by size or by timeout
     assert view["queues"][f"{queue}.dlq"] == 1

@@ -73,4 +73,6 @@ async def test_the_snapshot_is_json_with_state_topology_and_queues(
     assert view["state"] == "running"
     assert (view["ready"], view["not_ready"], view["paused"]) == (False, "paused", True)
     assert (view["prefetch"], view["queues"]) == (450, {"q": 7})
+    # The in-memory producer bounds nothing and has no consumers.
+    assert (view["close_early_at"], view["consumers_ready"]) == (None, [])
     assert [group["name"] for group in view["topology"]["batchers"]] == ["b"]
