@@ -34,13 +34,16 @@ EVENT_INTERVAL_S = 1.0
 
 
 class HttpServer:
-    """`GET /metrics` (Prometheus text format), `GET /healthz` (the process answers),
-    `GET /readyz` (200 only while every pipeline is ready; the body says which is not and
-    why), and under `Authorization: Bearer <admin token>`
-    `POST /pipelines/{name}/pause|resume`. Without an admin token configured, the
-    mutating endpoints answer 403 and say so.
+    """For everyone: `GET /metrics` (Prometheus text format), `GET /healthz` (the process
+    answers), `GET /readyz` (200 only while every pipeline is ready; the body says which is
+    not and why), `GET /` (the live page), `GET /api/snapshot` and `GET /events` (its
+    figures, once and as server-sent events). Under `Authorization: Bearer <admin token>`:
+    `POST /pipelines/{name}/pause|resume`, `GET /pipelines/{name}/dlq` and
+    `POST /pipelines/{name}/dlq/replay|purge`. Without an admin token configured, those
+    answer 403 and say so.
 
-    `readiness` maps each pipeline to a function returning why it is not ready, or None."""
+    `readiness` maps each pipeline to a function returning why it is not ready, or None;
+    `dead_letters` to how to reach its dead-letter queue; `snapshot` makes the figures."""
 
     def __init__(
         self,
