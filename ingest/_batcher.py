@@ -50,6 +50,23 @@ class BatcherStage:
         self.outboxes = outboxes
         self._open: dict[tuple[int | None, Any], _OpenBatch] = {}
 
+    def summary(self, busiest: int = 5) -> dict[str, Any]:
+        """The open batches now: how many, their messages, the age in seconds of the
+        oldest, and the `busiest` batch keys with their sizes (for the live view)."""
+        batches = self._open
+        oldest_s = None
+        if batches:  # the first is the oldest: its deadline is its start plus the timeout
+            first = next(iter(batches.values()))
+            started = first.deadline - self.options.batch_timeout
+            oldest_s = round(max(0.0, asyncio.get_running_loop().time() - started), 3)
+        largest = sorted(batches.items(), key=lambda item: len(item[1].messages), reverse=True)
+        return {
+            "batches": len(batches),
+            "messages": sum(len(batch.messages) for batch in batches.values()),
+            "oldest_s": oldest_s,
+            "busiest": [[str(key[1])[:80], len(b.messages)] for key, b in largest[:busiest]],
+        }
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         inbox = self.inbox

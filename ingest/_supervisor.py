@@ -51,6 +51,7 @@ class Supervisor:
         self.failure: BaseException | None = None
         self._runtime: Runtime | None = None
         self._stages: Stages | None = None
+        self.batchers: dict[str, BatcherStage] = {}  # the live generation's
         self._task: asyncio.Task[None] | None = None
         self._crash: StageCrashed | None = None
         self._stop_requested = asyncio.Event()
@@ -275,6 +276,7 @@ class Supervisor:
             for _ in range(options.concurrency if partitioned else 1)
         ]
         batcher = BatcherStage(rt, name, options, inbox, outboxes)
+        self.batchers[name] = batcher
         stages.batchers.append(spawn(batcher.run(), f"batcher_{name}"))
         for index in range(options.concurrency):
             worker = f"batch_processor_{name}_{index}"

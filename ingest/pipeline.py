@@ -158,6 +158,11 @@ class Pipeline:
         runtime = self._supervisor.runtime
         return runtime.in_flight if runtime else 0
 
+    def open_batches(self) -> dict[str, dict[str, Any]]:
+        """Per batcher, its open batches now: `batches`, `messages`, `oldest_s` (the age
+        of the oldest) and the `busiest` batch keys with their sizes."""
+        return {name: stage.summary() for name, stage in self._supervisor.batchers.items()}
+
     @property
     def close_early_at(self) -> int | None:
         """How many messages open batches may hold before the oldest closes early (3/4 of

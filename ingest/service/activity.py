@@ -3,7 +3,8 @@ that a view opened late still has the history.
 
 `Activity` follows one pipeline's events: messages received, succeeded and failed per
 second over the last 15 minutes, batches by what closed them, the last 50 failures.
-`snapshot()` puts that together with the pipeline's state (running, paused, circuit,
+`snapshot()` puts that together with its open batches (per batcher: how many, the age of
+the oldest, the busiest keys), the pipeline's state (running, paused, circuit,
 restarts, in flight against the prefetch and where open batches close early, readiness,
 each consumer's connection), its topology and its queues' depths: the JSON of
 `GET /api/snapshot` and of each `GET /events` message."""
@@ -114,6 +115,7 @@ def snapshot(
             "topology": dataclasses.asdict(pipeline.topology()),
             "rates": activity.rates(),
             "batches_by_trigger": dict(activity.triggers),
+            "open_batches": pipeline.open_batches(),
             "failures": list(activity.failures)[::-1],  # newest first
             "queues": {q: n for (p, q), n in sorted(queues.items()) if p == name},
         }

@@ -9,6 +9,7 @@ from typing import Any
 from ingest import Batcher, Handlers, Message
 from ingest.service.activity import FAILURES_KEPT, HISTORY_S, Activity, snapshot
 from ingest.testing import push_messages
+from tests.support import eventually
 
 from .conftest import MakePipeline
 
@@ -76,3 +77,32 @@ async def test_the_snapshot_is_json_with_state_topology_and_queues(
     # The in-memory producer bounds nothing and has no consumers.
     assert (view["close_early_at"], view["consumers_ready"]) == (None, [])
     assert [group["name"] for group in view["topology"]["batchers"]] == ["b"]
+
+
+class ByKey(Handlers):
+    async def handle_message(self, processor: str, message: Message, context: Any) -> Message:
+        return message.put_batcher("b").put_batch_key(message.data)
+
+    async def handle_batch(self, batcher, messages, batch_info, context):  # type: ignore[no-untyped-def]
+        return messages
+
+
+async def test_open_batches_say_how_many_how_old_and_the_busiest_keys(
+    make_pipeline: MakePipeline,
+) -> None:
+    pipeline = await make_pipeline(
+        ByKey(), batchers={"b": Batcher(batch_size=10, batch_timeout=60)}
+    )
+    assert pipeline.open_batches() == {
+        "b": {"batches": 0, "messages": 0, "oldest_s": None, "busiest": []}
+    }
+    await push_messages(pipeline, ["alice", "bob", "alice"])
+
+    async def held() -> bool:
+        return pipeline.open_batches()["b"]["messages"] == 3
+
+    await eventually(held, timeout=5)
+    summary = pipeline.open_batches()["b"]
+    assert summary["batches"] == 2
+    assert summary["busiest"] == [["alice", 2], ["bob", 1]]
+    assert 0 <= summary["oldest_s"] < 5
