@@ -18,7 +18,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from sqlalchemy import insert, select
 
 from pipelines.db import tickets, users
-from tests.integration.service import RunningService, publish_from_ui, running_service
+from tests.integration.service import RunningService, local_service, publish_from_ui
 from tests.support import Broker, eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,16 +47,8 @@ async def browser() -> AsyncIterator[Browser]:
 
 @pytest.fixture
 async def service(broker: Broker, queue_name: str, tmp_path: Any) -> AsyncIterator[RunningService]:
-    async with running_service(
-        amqp_url=broker.amqp_url,
-        database_url=f"sqlite+aiosqlite:///{tmp_path}/tickets.db",
-        mail_outbox=tmp_path / "outbox",
-        admin_token=TOKEN,
-        queue_depth_interval=0.5,
-        pipelines={
-            "bookings": {"queue": f"{queue_name}-bookings"},
-            "notifications": {"queue": f"{queue_name}-notifications"},
-        },
+    async with local_service(
+        broker, queue_name, tmp_path, admin_token=TOKEN, queue_depth_interval=0.5
     ) as running:
         yield running
 

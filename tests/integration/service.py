@@ -9,10 +9,11 @@ import os
 import sys
 import urllib.request
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message as EmailMessage
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
@@ -110,6 +111,35 @@ async def running_service(**settings: Any) -> AsyncIterator[RunningService]:
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
+
+
+def local_service(
+    broker: Broker, queue_name: str, directory: Any, **settings: Any
+) -> AbstractAsyncContextManager[RunningService]:
+    """The tickets service on SQLite and an .eml outbox in `directory`, its two queues
+    named after `queue_name`, with `settings` on top."""
+    return running_service(
+        amqp_url=broker.amqp_url,
+        database_url=f"sqlite+aiosqlite:///{directory}/tickets.db",
+        mail_outbox=Path(directory) / "outbox",
+        pipelines={
+            "bookings": {"queue": f"{queue_name}-bookings"},
+            "notifications": {"queue": f"{queue_name}-notifications"},
+        },
+        **settings,
+    )
+
+
+def call(url: str, token: str | None, method: str = "POST") -> tuple[int, Any]:
+    """An HTTP call with the admin token (if any): the status and the JSON answer."""
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 def publish_from_ui(

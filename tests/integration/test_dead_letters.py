@@ -7,8 +7,6 @@ token."""
 from __future__ import annotations
 
 import asyncio
-import json
-import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,23 +19,15 @@ from ingest.rabbitmq.dead_letters import DeadLetters
 from pipelines.db import users
 
 from .conftest import Broker, eventually, queue_depth
-from .service import RunningService, metric, publish_from_ui, run_cli, running_service
+from .service import RunningService, call, local_service, metric, publish_from_ui, run_cli
 
 TOKEN = "dlq-admin-token"
 
 
 @pytest.fixture
 async def service(broker: Broker, queue_name: str, tmp_path: Any) -> AsyncIterator[RunningService]:
-    async with running_service(
-        amqp_url=broker.amqp_url,
-        database_url=f"sqlite+aiosqlite:///{tmp_path}/tickets.db",
-        mail_outbox=tmp_path / "outbox",
-        admin_token=TOKEN,
-        queue_depth_interval=0.2,
-        pipelines={
-            "bookings": {"queue": f"{queue_name}-bookings"},
-            "notifications": {"queue": f"{queue_name}-notifications"},
-        },
+    async with local_service(
+        broker, queue_name, tmp_path, admin_token=TOKEN, queue_depth_interval=0.2
     ) as running:
         yield running
 
@@ -142,16 +132,6 @@ async def test_a_replayed_copy_keeps_its_id_and_body_and_starts_its_attempts_aga
     assert await queue_depth(amqp, dlq) == 0
 
 
-def request(url: str, method: str = "GET") -> tuple[int, Any]:
-    call = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-    call.add_header("Authorization", f"Bearer {TOKEN}")
-    try:
-        with urllib.request.urlopen(call, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 async def test_the_http_endpoints_show_replay_and_purge(
     broker: Broker,
     queue_name: str,
@@ -175,17 +155,17 @@ async def test_the_http_endpoints_show_replay_and_purge(
         series = f'ingest_queue_messages{{pipeline="bookings",queue="{empty}",state="ready"}}'
         assert f"{series} 0.0" in text
     base = f"{service.http}/pipelines/bookings/dlq"
-    status, body = await asyncio.to_thread(request, f"{base}?limit=2")
+    status, body = await asyncio.to_thread(call, f"{base}?limit=2", TOKEN, "GET")
     assert status == 200
     assert body["total"] == 4
     assert [row["message_id"] for row in body["dead_letters"]] == ["bad-0", "bad-1"]
     assert body["dead_letters"][0]["payload"] == "not a booking"
-    assert (await asyncio.to_thread(request, f"{base}?limit=zero"))[0] == 400
-    status, body = await asyncio.to_thread(request, f"{base}/replay?limit=1", "POST")
+    assert (await asyncio.to_thread(call, f"{base}?limit=zero", TOKEN, "GET"))[0] == 400
+    status, body = await asyncio.to_thread(call, f"{base}/replay?limit=1", TOKEN)
     assert (status, body) == (200, {"replayed": 1, "skipped": 0})
     # The replayed one fails again (still not a booking) and is dead-lettered again.
     await eventually(lambda: _depth_is(amqp, f"{queue}.dlq", 4), timeout=15)
-    status, body = await asyncio.to_thread(request, f"{base}/purge", "POST")
+    status, body = await asyncio.to_thread(call, f"{base}/purge", TOKEN)
     assert (status, body) == (200, {"purged": 4})
 
 

@@ -12,21 +12,12 @@ import aiohttp
 import pytest
 
 from .conftest import Broker, eventually
-from .service import RunningService, publish_from_ui, running_service
+from .service import RunningService, local_service, publish_from_ui
 
 
 @pytest.fixture
 async def service(broker: Broker, queue_name: str, tmp_path: Any) -> AsyncIterator[RunningService]:
-    async with running_service(
-        amqp_url=broker.amqp_url,
-        database_url=f"sqlite+aiosqlite:///{tmp_path}/tickets.db",
-        mail_outbox=tmp_path / "outbox",
-        queue_depth_interval=0.2,
-        pipelines={
-            "bookings": {"queue": f"{queue_name}-bookings"},
-            "notifications": {"queue": f"{queue_name}-notifications"},
-        },
-    ) as running:
+    async with local_service(broker, queue_name, tmp_path, queue_depth_interval=0.2) as running:
         yield running
 
 
@@ -86,15 +77,7 @@ async def test_an_open_stream_does_not_hold_up_the_shutdown(
     broker: Broker, queue_name: str, tmp_path: Any
 ) -> None:
     async with aiohttp.ClientSession() as session:
-        async with running_service(
-            amqp_url=broker.amqp_url,
-            database_url=f"sqlite+aiosqlite:///{tmp_path}/tickets.db",
-            mail_outbox=tmp_path / "outbox",
-            pipelines={
-                "bookings": {"queue": f"{queue_name}-bookings"},
-                "notifications": {"queue": f"{queue_name}-notifications"},
-            },
-        ) as running:
+        async with local_service(broker, queue_name, tmp_path) as running:
             response = await session.get(f"{running.http}/events")
             await response.content.readline()  # streaming
             stopping = asyncio.get_running_loop().time()

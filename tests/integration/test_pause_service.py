@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator
 
 import aiormq
 import pytest
 
 from .conftest import Broker, eventually, queue_depth
-from .service import RunningService, metric, publish_from_ui, run_cli, running_service
+from .service import RunningService, call, local_service, metric, publish_from_ui, run_cli
 
 TOKEN = "s3cret-admin-token"
 
@@ -23,28 +21,8 @@ TOKEN = "s3cret-admin-token"
 async def service(
     broker: Broker, queue_name: str, tmp_path: object
 ) -> AsyncIterator[RunningService]:
-    async with running_service(
-        amqp_url=broker.amqp_url,
-        database_url=f"sqlite+aiosqlite:///{tmp_path}/tickets.db",
-        mail_outbox=f"{tmp_path}/outbox",
-        admin_token=TOKEN,
-        pipelines={
-            "bookings": {"queue": f"{queue_name}-bookings"},
-            "notifications": {"queue": f"{queue_name}-notifications"},
-        },
-    ) as running:
+    async with local_service(broker, queue_name, tmp_path, admin_token=TOKEN) as running:
         yield running
-
-
-def post(url: str, token: str | None) -> tuple[int, dict[str, object]]:
-    request = urllib.request.Request(url, method="POST", data=b"")
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
 
 
 async def ingest(running: RunningService, *args: str) -> tuple[int, str]:
@@ -85,14 +63,14 @@ async def test_paused_from_the_command_line_messages_wait_until_resumed(
 
 async def test_the_admin_endpoints_need_the_token(service: RunningService) -> None:
     url = f"{service.http}/pipelines/bookings/pause"
-    assert (await asyncio.to_thread(post, url, None))[0] == 401
-    assert (await asyncio.to_thread(post, url, "wrong"))[0] == 401
-    status, body = await asyncio.to_thread(post, f"{service.http}/pipelines/nope/pause", TOKEN)
+    assert (await asyncio.to_thread(call, url, None))[0] == 401
+    assert (await asyncio.to_thread(call, url, "wrong"))[0] == 401
+    status, body = await asyncio.to_thread(call, f"{service.http}/pipelines/nope/pause", TOKEN)
     assert status == 404
     assert "no pipeline 'nope'" in str(body["error"])
-    status, body = await asyncio.to_thread(post, url, TOKEN)
+    status, body = await asyncio.to_thread(call, url, TOKEN)
     assert (status, body["paused"]) == (200, True)
-    status, body = await asyncio.to_thread(post, url.replace("pause", "resume"), TOKEN)
+    status, body = await asyncio.to_thread(call, url.replace("pause", "resume"), TOKEN)
     assert (status, body["paused"]) == (200, False)
     # Read-only endpoints stay open.
     assert (await service.get_async("/metrics"))[0] == 200
@@ -101,17 +79,9 @@ async def test_the_admin_endpoints_need_the_token(service: RunningService) -> No
 async def test_without_an_admin_token_the_actions_are_refused_saying_why(
     broker: Broker, queue_name: str, tmp_path: object
 ) -> None:
-    async with running_service(
-        amqp_url=broker.amqp_url,
-        database_url=f"sqlite+aiosqlite:///{tmp_path}/tickets.db",
-        mail_outbox=f"{tmp_path}/outbox",
-        pipelines={
-            "bookings": {"queue": f"{queue_name}-bookings"},
-            "notifications": {"queue": f"{queue_name}-notifications"},
-        },
-    ) as running:
+    async with local_service(broker, queue_name, tmp_path) as running:
         status, body = await asyncio.to_thread(
-            post, f"{running.http}/pipelines/bookings/pause", TOKEN
+            call, f"{running.http}/pipelines/bookings/pause", TOKEN
         )
         assert status == 403
         assert "set INGEST_ADMIN_TOKEN" in str(body["error"])

@@ -37,6 +37,15 @@ class Dependency(Handlers):
         return message
 
 
+async def opened(make_pipeline: MakePipeline) -> tuple[Dependency, Pipeline]:
+    """A pipeline whose dependency is down, after the 10 failures that open its circuit."""
+    dependency = Dependency()
+    dependency.down = True
+    pipeline = await make_pipeline(dependency, circuit_breaker=FAST)
+    await (await push_messages(pipeline, range(10))).wait()
+    return dependency, pipeline
+
+
 async def test_failures_by_exception_open_it_and_the_pipeline_stops_taking_messages(
     make_pipeline: MakePipeline,
 ) -> None:
@@ -70,10 +79,7 @@ async def test_what_raises_while_open_is_requeued_without_an_attempt(
 async def test_half_open_after_the_delay_then_closed_by_successes(
     make_pipeline: MakePipeline,
 ) -> None:
-    dependency = Dependency()
-    dependency.down = True
-    pipeline = await make_pipeline(dependency, circuit_breaker=FAST)
-    await (await push_messages(pipeline, range(10))).wait()
+    dependency, pipeline = await opened(make_pipeline)
     dependency.down = False
     await eventually(lambda: _state_is(pipeline, "half-open"), timeout=3)
     assert pipeline.holds == frozenset()  # consuming again
@@ -85,10 +91,7 @@ async def test_half_open_after_the_delay_then_closed_by_successes(
 async def test_a_failure_while_half_open_opens_it_again_for_longer(
     make_pipeline: MakePipeline,
 ) -> None:
-    dependency = Dependency()
-    dependency.down = True
-    pipeline = await make_pipeline(dependency, circuit_breaker=FAST)
-    await (await push_messages(pipeline, range(10))).wait()
+    _, pipeline = await opened(make_pipeline)
     await eventually(lambda: _state_is(pipeline, "half-open"), timeout=3)
     loop = asyncio.get_running_loop()
     result = await (await push_messages(pipeline, ["probe"])).wait()
