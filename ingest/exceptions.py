@@ -13,6 +13,7 @@ __all__ = [
     "StageCrashed",
     "StartupError",
     "Unroutable",
+    "UploadRejected",
 ]
 
 
@@ -74,3 +75,12 @@ class ConfigurationError(IngestError):
 class StartupError(IngestError):
     """Something the pipelines need (a database, a mail server, a port) is not there
     (`ingest` exits 1)."""
+
+
+class UploadRejected(IngestError):
+    """An uploaded file that cannot be processed: too large (`too_large`, HTTP 413), not
+    UTF-8, not CSV or empty (HTTP 422). The message says which, for the person uploading."""
+
+    def __init__(self, message: str, *, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large

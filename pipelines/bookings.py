@@ -23,7 +23,9 @@ from ingest.rabbitmq._connection import client_name
 from ingest.service.hosting import HostedPipeline
 from ingest.service.settings import Settings
 from pipelines.db import Database, TicketRow
+from pipelines.mail import mailer_for
 from pipelines.payloads import Booking, PayloadError, parse_booking
+from pipelines.uploads import FileUploads
 
 QUEUE = "bookings_queue"
 NOTIFICATIONS_QUEUE = "notifications_queue"
@@ -200,26 +202,37 @@ def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
     handlers = BookingHandlers(
         db, notifier, notifications_queue, set(config.closed_events), settings.max_body_bytes
     )
-    pipeline = Pipeline(
-        "bookings",
-        handlers,
-        producer,
-        processors=config.processor_options(Processors(concurrency=2, max_demand=50)),
-        batchers=config.batcher_options(BATCHERS),
-        circuit_breaker=config.circuit_breaker_options() if source is None else None,
-        shutdown_timeout=settings.shutdown_timeout,
-        handler_timeout=10.0,
+
+    def make(name: str, producer: CsvFileProducer | RabbitMQProducer) -> Pipeline:
+        from_broker = isinstance(producer, RabbitMQProducer)
+        return Pipeline(
+            name,
+            handlers,
+            producer,
+            processors=config.processor_options(Processors(concurrency=2, max_demand=50)),
+            batchers=config.batcher_options(BATCHERS),
+            circuit_breaker=config.circuit_breaker_options() if from_broker else None,
+            shutdown_timeout=settings.shutdown_timeout,
+            handler_timeout=10.0,
+        )
+
+    # Uploads from the page go through the same handlers, database and notifier.
+    uploads = (
+        FileUploads(make, mailer_for(settings), settings.mail_from) if source is None else None
     )
 
     async def shutdown() -> None:
+        if uploads is not None:
+            await uploads.close()
         if publisher is not None:
             await publisher.close()
         await db.close()
 
     return HostedPipeline.of(
-        pipeline,
+        make("bookings", producer),
         config.queue or QUEUE,
         startup=db.start,
         shutdown=shutdown,
         samples=sample_bookings,
+        uploads=uploads,
     )

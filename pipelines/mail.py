@@ -1,5 +1,5 @@
-"""Mail: the digest email of a batch of notifications, sent over SMTP or written to an
-outbox directory as .eml files."""
+"""Mail: the digest email of a batch of notifications and the report of an upload, sent
+over SMTP or written to an outbox directory as .eml files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.charset import QP, Charset
-from email.message import Message
+from email.message import EmailMessage, Message
 from email.mime.nonmultipart import MIMENonMultipart
 from email.utils import make_msgid
 from pathlib import Path
@@ -18,13 +18,26 @@ from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
 
+from ingest.service.settings import Settings
 from pipelines.payloads import Notification
+
+# A larger errors CSV stays on the server (GET /uploads/<id>/errors.csv): mail servers
+# commonly refuse messages over 10-25 MB.
+ATTACHMENT_MAX_BYTES = 5 * 1024 * 1024
 
 
 class Mailer(Protocol):
     async def send(self, message: Message) -> None: ...
 
     async def close(self) -> None: ...
+
+
+def mailer_for(settings: Settings, connections: int = 1) -> Mailer:
+    """SMTP when INGEST_SMTP_URL is set (keeping up to `connections` open), else the
+    outbox directory."""
+    if settings.smtp_url is not None:
+        return SmtpMailer(settings.smtp_url.get_secret_value(), connections=connections)
+    return OutboxMailer(settings.mail_outbox)
 
 
 def digest(
@@ -54,6 +67,31 @@ def digest(
     message["To"] = recipient  # non-ASCII headers are encoded (RFC 2047) when sent
     message["Subject"] = f"Your {count} ticket notification{'s' if count != 1 else ''}"
     message["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or None)
+    return message
+
+
+def upload_report(
+    sender: str,
+    recipient: str,
+    summary: list[str],
+    subject: str,
+    errors: tuple[Path, str] | None,
+) -> EmailMessage:
+    """The email ending an upload: its summary and, when rows failed, the errors CSV
+    (`line,row,reason`; a path and the name to attach it under)."""
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = recipient
+    message["Subject"] = subject
+    message["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or None)
+    body = [f"Hello {recipient},", "", *summary]
+    if errors is not None and errors[0].stat().st_size > ATTACHMENT_MAX_BYTES:
+        body += ["", "The errors CSV is too large to attach; it is kept on the server."]
+        errors = None
+    message.set_content("\n".join([*body, "", "-- ingest tickets", ""]))
+    if errors is not None:
+        path, name = errors
+        message.add_attachment(path.read_bytes(), maintype="text", subtype="csv", filename=name)
     return message
 
 

@@ -17,7 +17,7 @@ from ingest.rabbitmq._connection import client_name
 from ingest.service.hosting import HostedPipeline
 from ingest.service.settings import Settings
 from pipelines.db import Database
-from pipelines.mail import Mailer, OutboxMailer, SmtpMailer, digest
+from pipelines.mail import Mailer, digest, mailer_for
 from pipelines.payloads import Notification, PayloadError, parse_notification
 
 logger = structlog.get_logger("pipelines.notifications")
@@ -88,14 +88,9 @@ def sample_notifications(count: int) -> list[bytes]:
 def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
     config = settings.pipeline("notifications")
     db = Database(settings.database_url.get_secret_value())
-    smtp_url = settings.smtp_url.get_secret_value() if settings.smtp_url else None
     batchers = config.batcher_options(BATCHERS)
-    mailer: Mailer = (
-        # One connection kept open per batch processor: each sends one digest at a time.
-        SmtpMailer(smtp_url, connections=batchers["email"].concurrency)
-        if smtp_url
-        else OutboxMailer(settings.mail_outbox)
-    )
+    # One connection kept open per batch processor: each sends one digest at a time.
+    mailer = mailer_for(settings, connections=batchers["email"].concurrency)
     producer: CsvFileProducer | RabbitMQProducer
     if source is not None:
         producer = CsvFileProducer(source)

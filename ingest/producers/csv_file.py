@@ -27,11 +27,16 @@ class CsvFileProducer:
     metadata has `line` and a `message_id` of `<file name>:<line>`, so running the same
     file twice creates nothing twice. Rows that fail are written, with their reason, to
     `<file>.errors.csv` (`line,row,reason`). `finished` is set once every row was settled.
+    With `header=True` the first non-empty line is a header and no message. A UTF-8 byte
+    order mark (what spreadsheets write) is skipped.
     """
 
-    def __init__(self, path: Path, errors_path: Path | None = None) -> None:
+    def __init__(
+        self, path: Path, errors_path: Path | None = None, *, header: bool = False
+    ) -> None:
         self.path = path
         self.errors_path = errors_path or path.with_name(f"{path.stem}.errors.csv")
+        self.header = header
         self.finished = asyncio.Event()
         self.read = 0
         self.successful = 0
@@ -56,6 +61,8 @@ class CsvFileProducer:
 
     async def _feed(self, sink: Sink) -> None:
         lines = _numbered_lines(self.path)
+        if self.header:
+            await asyncio.to_thread(_take, lines, 1)
         while not self._draining:
             await self._flowing.wait()  # drain() sets it too: the loop's test ends it
             chunk = await asyncio.to_thread(_take, lines, _CHUNK) if not self._draining else []
@@ -136,7 +143,7 @@ class CsvFileProducer:
 
 
 def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
-    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as file:
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as file:
         for number, line in enumerate(file, start=1):
             text = line.rstrip("\r\n")
             if text.strip():

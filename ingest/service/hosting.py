@@ -26,6 +26,8 @@ from ingest.service.logging import FAILURE_EVENTS, log_failures
 from ingest.service.metrics import Metrics
 from ingest.service.queue_depth import QueueDepths
 from ingest.service.settings import Settings
+from ingest.service.spool import Spool
+from ingest.service.uploads import FileProcessing, Uploads
 
 logger = structlog.get_logger("ingest.service")
 
@@ -40,7 +42,8 @@ class HostedPipeline:
     raise StartupError if it cannot work) and `shutdown` after it stopped. `finished`
     (file producers) stops the service once set. `samples(n)` makes n example payloads for
     `ingest publish --count`. `ready` says whether the producer consumes (a broker
-    connection is up); `not_ready()` covers the pipeline's own state too.
+    connection is up); `not_ready()` covers the pipeline's own state too. `uploads`, when
+    the pipeline takes uploaded files (`POST /uploads/<name>`), processes them.
     """
 
     pipeline: Pipeline
@@ -51,6 +54,7 @@ class HostedPipeline:
     shutdown: Callable[[], Awaitable[None]] | None = None
     samples: Callable[[int], list[bytes]] | None = None
     finished: asyncio.Event | None = None
+    uploads: FileProcessing | None = None
 
     def not_ready(self) -> str | None:
         """Why the pipeline is not ready (for /readyz), or None while it is running and
@@ -74,6 +78,7 @@ class HostedPipeline:
         startup: Callable[[], Awaitable[None]] | None = None,
         shutdown: Callable[[], Awaitable[None]] | None = None,
         samples: Callable[[int], list[bytes]] | None = None,
+        uploads: FileProcessing | None = None,
     ) -> HostedPipeline:
         """Host `pipeline`, reading readiness, stats and the end of input off its
         producer: a RabbitMQ producer is ready while consuming, a file producer always,
@@ -89,6 +94,7 @@ class HostedPipeline:
             shutdown=shutdown,
             samples=samples,
             finished=producer.finished if isinstance(producer, CsvFileProducer) else None,
+            uploads=uploads,
         )
 
 
@@ -165,6 +171,10 @@ async def serve(
     # build pipelines (publish, topology, dlq) and the benchmarks do not need.
     from ingest.service.http import HttpServer
 
+    uploads = Uploads(
+        Spool(settings.upload_dir, settings.upload_max_bytes),
+        {name: item.uploads for name, item in hosted.items() if item.uploads is not None},
+    )
     http = HttpServer(
         settings.http_host,
         settings.http_port,
@@ -177,7 +187,11 @@ async def serve(
             for name, item in hosted.items()
             if item.queue is not None and item.stats is not None  # consumed from RabbitMQ
         },
-        lambda: snapshot(activities, not_ready, prefetch, depths.ready),
+        lambda: {
+            **snapshot(activities, not_ready, prefetch, depths.ready),
+            "uploads": uploads.view(),
+        },
+        uploads,
     )
     try:
         await http.start()
@@ -186,6 +200,7 @@ async def serve(
             f"cannot serve HTTP on {settings.http_host}:{settings.http_port}: {exc.strerror or exc}"
         ) from exc
     reading = asyncio.create_task(depths.run(), name="queue depths") if depths.queues else None
+    uploading = asyncio.create_task(uploads.run(), name="uploads") if uploads.processing else None
     stop = stop or asyncio.Event()
     failed: list[Pipeline] = []
     loop = asyncio.get_running_loop()
@@ -200,6 +215,8 @@ async def serve(
             waiters.append(asyncio.gather(*(f.wait() for f in files)))
         # A pipeline's supervision ends before the stop only when it failed for good.
         waiters.extend(asyncio.ensure_future(item.pipeline.wait()) for item in hosted.values())
+        if uploading is not None:  # ends early only on a bug, which then stops the service
+            waiters.append(asyncio.ensure_future(asyncio.shield(uploading)))
         logger.info("running", pipelines=list(hosted))
         if started is not None:
             started.set()
@@ -211,6 +228,9 @@ async def serve(
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        if uploading is not None:  # first: its pipeline shares the hosted ones' resources
+            await uploads.stop()
+            await uploading
         await asyncio.gather(*(item.pipeline.stop() for item in hosted.values()))
         for name, item in hosted.items():
             if item.shutdown is not None:

@@ -12,25 +12,32 @@ import asyncio
 import contextlib
 import hmac
 import json
-from collections.abc import Awaitable, Callable, Mapping
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from importlib import resources
 from typing import Any
 
 import aiormq
 import structlog
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from ingest.exceptions import ConfigurationError
+from ingest.exceptions import ConfigurationError, UploadRejected
 from ingest.pipeline import Pipeline
 from ingest.rabbitmq.dead_letters import DeadLetters
 from ingest.service import dlq
+from ingest.service.spool import Upload
+from ingest.service.uploads import Uploads
 
 logger = structlog.get_logger("ingest.service.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _PAGE = resources.files("ingest.service").joinpath("static/index.html").read_bytes()
 EVENT_INTERVAL_S = 1.0
+CHUNK_BYTES = 64 * 1024
+EMAIL_MAX = 320  # RFC 5321's longest address, with room
+MULTIPART_OVERHEAD = 64 * 1024  # the form's other fields and boundaries, beside the file
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
 
 
 class HttpServer:
@@ -38,9 +45,10 @@ class HttpServer:
     answers), `GET /readyz` (200 only while every pipeline is ready; the body says which is
     not and why), `GET /` (the live page), `GET /api/snapshot` and `GET /events` (its
     figures, once and as server-sent events). Under `Authorization: Bearer <admin token>`:
-    `POST /pipelines/{name}/pause|resume`, `GET /pipelines/{name}/dlq` and
-    `POST /pipelines/{name}/dlq/replay|purge`. Without an admin token configured, those
-    answer 403 and say so.
+    `POST /pipelines/{name}/pause|resume`, `GET /pipelines/{name}/dlq`,
+    `POST /pipelines/{name}/dlq/replay|purge`, `POST /uploads/{pipeline}` (multipart: `email`
+    and `file`), `GET /uploads`, `GET /uploads/{id}` and `GET /uploads/{id}/errors.csv`.
+    Without an admin token configured, those answer 403 and say so.
 
     `readiness` maps each pipeline to a function returning why it is not ready, or None;
     `dead_letters` to how to reach its dead-letter queue; `snapshot` makes the figures."""
@@ -55,6 +63,7 @@ class HttpServer:
         admin_token: str | None = None,
         dead_letters: Mapping[str, Callable[[], DeadLetters]] | None = None,
         snapshot: Callable[[], dict[str, Any]] | None = None,
+        uploads: Uploads | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -63,6 +72,7 @@ class HttpServer:
         self.pipelines = pipelines
         self.dead_letters = dead_letters or {}
         self.snapshot = snapshot
+        self.uploads = uploads
         self._closing = asyncio.Event()  # ends the event streams when the server stops
         self._admin_token = admin_token.encode() if admin_token else None
         app = web.Application()
@@ -77,6 +87,10 @@ class HttpServer:
         app.router.add_get("/pipelines/{name}/dlq", self._admin(self._dlq_show))
         app.router.add_post("/pipelines/{name}/dlq/replay", self._admin(self._dlq_replay))
         app.router.add_post("/pipelines/{name}/dlq/purge", self._admin(self._dlq_purge))
+        app.router.add_post("/uploads/{name}", self._admin(self._upload))
+        app.router.add_get("/uploads", self._admin(self._uploads))
+        app.router.add_get("/uploads/{id}", self._admin(self._upload_status))
+        app.router.add_get("/uploads/{id}/errors.csv", self._admin(self._upload_errors))
         # A stopping server waits this long for open requests (event streams end at once).
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
 
@@ -228,6 +242,81 @@ class HttpServer:
             return _error(502, f"the broker: {error!r}")
         logger.info("dead letters", pipeline=name, action=request.path.rsplit("/", 1)[-1])
         return web.json_response(answer)
+
+    # -- uploads --------------------------------------------------------------------------
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        """A CSV file and an email address, as multipart/form-data (in either order): the
+        file is spooled to disk and checked, then answered at once (202) with its id."""
+        name = request.match_info["name"]
+        uploads = self.uploads
+        if uploads is None or name not in uploads.processing:
+            takers = ", ".join(uploads.processing) if uploads else ""
+            return _error(404, f"pipeline {name!r} takes no uploads; these do: {takers or 'none'}")
+        spool = uploads.spool
+        if (request.content_length or 0) > spool.max_bytes + MULTIPART_OVERHEAD:
+            return _too_large(spool.max_bytes)
+        if request.content_type != "multipart/form-data":
+            return _error(400, "send multipart/form-data with the fields email and file")
+        email: str | None = None
+        upload: Upload | None = None
+        try:
+            async for part in await request.multipart():
+                if not isinstance(part, BodyPartReader):
+                    continue  # a nested multipart: not ours
+                if part.name == "email":
+                    email = (await part.read_chunk(EMAIL_MAX)).decode("utf-8", "replace").strip()
+                elif part.name == "file" and upload is None:
+                    upload = await spool.receive(
+                        name, part.filename or "upload.csv", email or "", _chunks(part)
+                    )
+        except UploadRejected as rejected:
+            if rejected.too_large:
+                return _too_large(spool.max_bytes)
+            return _error(422, str(rejected))
+        except ValueError as error:  # a malformed multipart body
+            return _error(400, f"not a valid multipart/form-data body: {error}")
+        if upload is None:
+            return _error(400, "no file: send it in the field 'file'")
+        if email is None or not _EMAIL.fullmatch(email):
+            spool.discard(upload)
+            return _error(400, "an email address is needed in the field 'email'")
+        upload.email = email
+        spool.save(upload)
+        uploads.wake()
+        logger.info("upload received", upload=upload.id, pipeline=name, rows=upload.rows)
+        return web.json_response(uploads.describe(upload, private=True), status=202)
+
+    async def _uploads(self, request: web.Request) -> web.Response:
+        if self.uploads is None:
+            return web.json_response({"uploads": []})
+        return web.json_response({"uploads": self.uploads.view(private=True)})
+
+    async def _upload_status(self, request: web.Request) -> web.Response:
+        upload = self.uploads.spool.get(request.match_info["id"]) if self.uploads else None
+        if upload is None or self.uploads is None:
+            return _error(404, f"no upload {request.match_info['id']!r}")
+        return web.json_response(self.uploads.describe(upload, private=True))
+
+    async def _upload_errors(self, request: web.Request) -> web.StreamResponse:
+        upload = self.uploads.spool.get(request.match_info["id"]) if self.uploads else None
+        if upload is None or self.uploads is None:
+            return _error(404, f"no upload {request.match_info['id']!r}")
+        path = self.uploads.spool.errors_file(upload)
+        if not path.is_file():
+            return _error(404, f"upload {upload.id} has no failed rows (yet)")
+        return web.FileResponse(path, headers={"Content-Type": "text/csv; charset=utf-8"})
+
+
+async def _chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+    while chunk := await part.read_chunk(CHUNK_BYTES):
+        yield chunk
+
+
+def _too_large(limit: int) -> web.Response:
+    return _error(
+        413, f"the file is larger than the limit of {limit:,} bytes (INGEST_UPLOAD_MAX_BYTES)"
+    )
 
 
 def _error(status: int, message: str) -> web.Response:

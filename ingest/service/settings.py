@@ -144,6 +144,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     shutdown_timeout: PositiveFloat = 30.0
     max_body_bytes: PositiveInt = 64 * 1024
+    upload_dir: Path = Path("var/uploads")
+    upload_max_bytes: PositiveInt = 50 * 1024 * 1024
     pipelines: dict[str, PipelineSettings] = Field(default_factory=dict)
 
     @classmethod

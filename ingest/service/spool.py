@@ -1,0 +1,198 @@
+"""The upload spool: uploaded CSV files on disk, checked while they arrive, each with a
+manifest that says how far its processing got (so that it resumes after a restart)."""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import csv
+import json
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Collection
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import structlog
+
+from ingest.exceptions import UploadRejected
+
+logger = structlog.get_logger("ingest.service.spool")
+
+State = Literal["queued", "processing", "reporting", "done", "failed"]
+PENDING: tuple[State, ...] = ("reporting", "processing", "queued")  # finish before starting
+HEADER = ["event", "user_id"]
+_SHAPE_LINES = 10  # a CSV shows its columns within this many lines
+
+
+@dataclass
+class Upload:
+    """One uploaded file and what became of it: its manifest, `<id>.json` beside the file
+    `<id>.csv` (whose name makes its rows' message ids: `<id>.csv:<line>`)."""
+
+    id: str
+    pipeline: str
+    filename: str
+    email: str
+    size: int
+    rows: int
+    header: bool
+    created: float
+    state: State = "queued"
+    started: float | None = None
+    finished: float | None = None
+    successful: int = 0
+    failed: int = 0
+    error: str | None = None
+    attempts: int = 0  # how often processing began (more than once: resumed)
+    mailed: bool = False
+    report_error: str | None = None
+
+
+class Spool:
+    """Uploads under `directory`, at most `max_bytes` each::
+
+    upload = await Spool(Path("var/uploads"), 50_000_000).receive(
+        "bookings", "mine.csv", "me@example.com", chunks)
+    """
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self._uploads: dict[str, Upload] | None = None
+
+    def file(self, upload: Upload) -> Path:
+        return self.directory / f"{upload.id}.csv"
+
+    def errors_file(self, upload: Upload) -> Path:
+        return self.directory / f"{upload.id}.errors.csv"
+
+    async def receive(
+        self, pipeline: str, filename: str, email: str, chunks: AsyncIterator[bytes]
+    ) -> Upload:
+        """Write `chunks` to disk, checking them as they come: UploadRejected (and nothing
+        kept) when the file is too large, not UTF-8, not CSV or empty. The upload is not
+        in the spool until `save`d (or gone again with `discard`)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        upload_id = f"u{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(4)}"
+        partial = self.directory / f".{upload_id}.part"
+        try:
+            size = await _write_checked(chunks, partial, self.max_bytes)
+            rows, header = await asyncio.to_thread(_inspect, partial)
+            upload = Upload(
+                upload_id, pipeline, _base_name(filename), email, size, rows, header, time.time()
+            )
+            partial.rename(self.file(upload))
+        finally:
+            partial.unlink(missing_ok=True)
+        return upload
+
+    def discard(self, upload: Upload) -> None:
+        """Forget an upload received but not wanted (its request was refused)."""
+        self.file(upload).unlink(missing_ok=True)
+
+    def save(self, upload: Upload) -> None:
+        """Write the manifest whole (a rename), never half."""
+        path = self.directory / f"{upload.id}.json"
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(json.dumps(asdict(upload)), encoding="utf-8")
+        temporary.replace(path)
+        self._known()[upload.id] = upload
+
+    def get(self, upload_id: str) -> Upload | None:
+        return self._known().get(upload_id)
+
+    def all(self) -> list[Upload]:
+        """Every upload, newest first."""
+        return sorted(self._known().values(), key=lambda u: u.created, reverse=True)
+
+    def _known(self) -> dict[str, Upload]:
+        """The manifests, read from disk once (then kept by `save`)."""
+        if self._uploads is None:
+            self._uploads = {}
+            for path in self.directory.glob("u*.json") if self.directory.is_dir() else ():
+                try:
+                    upload = Upload(**json.loads(path.read_text(encoding="utf-8")))
+                except (OSError, ValueError, TypeError) as error:
+                    logger.error(
+                        "unreadable upload manifest, left alone", path=str(path), error=repr(error)
+                    )
+                    continue
+                self._uploads[upload.id] = upload
+        return self._uploads
+
+    def next_pending(self, pipelines: Collection[str]) -> Upload | None:
+        """The upload to work on for one of `pipelines`: one being reported or processed
+        (a restart interrupted it) before the oldest queued one."""
+        pending = [u for u in self.all() if u.state in PENDING and u.pipeline in pipelines]
+        pending.sort(key=lambda u: (PENDING.index(u.state), u.created))
+        return pending[0] if pending else None
+
+
+async def _write_checked(chunks: AsyncIterator[bytes], path: Path, max_bytes: int) -> int:
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    size = 0
+    with path.open("wb") as file:
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > max_bytes:
+                raise UploadRejected(
+                    f"the file is larger than the limit of {max_bytes:,} bytes "
+                    "(INGEST_UPLOAD_MAX_BYTES)",
+                    too_large=True,
+                )
+            _check_text(decoder, chunk, size - len(chunk))
+            file.write(chunk)
+        _check_text(decoder, b"", size, final=True)
+        file.flush()
+        await asyncio.to_thread(os.fsync, file.fileno())
+    return size
+
+
+def _check_text(
+    decoder: codecs.IncrementalDecoder, chunk: bytes, offset: int, final: bool = False
+) -> None:
+    try:
+        text = decoder.decode(chunk, final)
+    except UnicodeDecodeError as error:
+        raise UploadRejected(
+            f"not UTF-8: byte {offset + error.start:,} cannot be read as UTF-8; save the "
+            "file as CSV UTF-8"
+        ) from None
+    if "\0" in text:
+        raise UploadRejected("not a CSV file: it holds binary data (NUL bytes)")
+
+
+def _inspect(path: Path) -> tuple[int, bool]:
+    """How many rows the file has (non-empty lines, as the CSV producer reads them) and
+    whether its first line is a header; UploadRejected when it is empty or not CSV."""
+    rows, shaped, header = 0, False, False
+    with path.open(encoding="utf-8-sig", newline="") as file:
+        for line in file:
+            if not line.strip():
+                continue
+            if rows == 0 and [f.strip().lower() for f in _fields(line)] == HEADER:
+                header = True
+                continue
+            rows += 1
+            if rows <= _SHAPE_LINES and not shaped:
+                shaped = line.lstrip().startswith("{") or len(_fields(line)) >= 2
+    if rows == 0:
+        raise UploadRejected("the file is empty: no rows" + (" under its header" if header else ""))
+    if not shaped:
+        raise UploadRejected(
+            f"not a CSV of bookings: none of the first {_SHAPE_LINES} rows has two columns "
+            "(event,user_id)"
+        )
+    return rows, header
+
+
+def _fields(line: str) -> list[str]:
+    return next(csv.reader([line]), [])
+
+
+def _base_name(filename: str) -> str:
+    """The file's own name, whatever path a browser sent with it (C:\\fakepath\\...)."""
+    return Path(filename.replace("\\", "/")).name[-200:] or "upload.csv"

@@ -1,0 +1,173 @@
+"""Uploads: spooled CSV files processed in the background, one at a time, by a pipeline
+reading the file (the CSV producer), then reported to the person who uploaded it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from ingest.pipeline import Pipeline
+from ingest.producers.csv_file import CsvFileProducer
+from ingest.service.logging import FAILURE_EVENTS, log_failures
+from ingest.service.spool import Spool, Upload
+
+logger = structlog.get_logger("ingest.service.uploads")
+
+REPORT_RETRY_S = (1.0, 5.0, 15.0, 60.0)  # a mail server that is down is tried again
+
+
+class FileProcessing(Protocol):
+    """What a hosted pipeline offers for uploads: the same pipeline over a file, and the
+    report to whoever uploaded it (an email with the errors CSV attached)."""
+
+    def pipeline(self, producer: CsvFileProducer, name: str) -> Pipeline: ...
+
+    async def report(self, upload: Upload, errors: Path | None) -> None: ...
+
+
+class Uploads:
+    """Works through the spool: the upload a restart interrupted first (processing a file
+    again books nothing twice: its rows' message ids are the upload's), then the oldest
+    queued one. `run()` is owned by the service; `stop()` drains the pipeline at work and
+    leaves its upload to resume."""
+
+    def __init__(self, spool: Spool, processing: Mapping[str, FileProcessing]) -> None:
+        self.spool = spool
+        self.processing = processing
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._current: tuple[Upload, CsvFileProducer] | None = None
+
+    def wake(self) -> None:
+        """A new upload is in the spool."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            upload = self.spool.next_pending(self.processing)
+            if upload is None:
+                await self._wake.wait()
+                continue
+            if upload.state in ("queued", "processing"):
+                await self._process(upload, self.processing[upload.pipeline])
+            if upload.state == "reporting" and not self._stopping.is_set():
+                await self._report(upload, self.processing[upload.pipeline])
+
+    async def _process(self, upload: Upload, processing: FileProcessing) -> None:
+        producer = CsvFileProducer(
+            self.spool.file(upload), self.spool.errors_file(upload), header=upload.header
+        )
+        pipeline = processing.pipeline(producer, f"{upload.pipeline}-upload")
+        pipeline.events.subscribe(log_failures, kinds=FAILURE_EVENTS)
+        log = logger.bind(upload=upload.id, pipeline=upload.pipeline)
+        upload.state, upload.started, upload.error = "processing", time.time(), None
+        upload.attempts += 1
+        self.spool.save(upload)
+        log.info("upload processing", rows=upload.rows, attempt=upload.attempts)
+        self._current = (upload, producer)
+        try:
+            await pipeline.start()
+            waiters = [
+                asyncio.ensure_future(producer.finished.wait()),
+                asyncio.ensure_future(pipeline.wait()),  # ends early only when it failed
+                asyncio.ensure_future(self._stopping.wait()),
+            ]
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+            await pipeline.stop()
+        finally:
+            self._current = None
+        upload.successful, upload.failed = producer.successful, producer.failed
+        if producer.finished.is_set():
+            upload.state, upload.finished = "reporting", time.time()
+            log.info("upload processed", successful=upload.successful, failed=upload.failed)
+        elif pipeline.state == "failed":
+            upload.state, upload.finished = "reporting", time.time()
+            upload.error = f"processing failed: {pipeline.failure}"
+            log.error("upload failed", error=upload.error)
+        else:
+            log.info("upload interrupted: it resumes when the service starts again")
+        self.spool.save(upload)
+
+    async def _report(self, upload: Upload, processing: FileProcessing) -> None:
+        errors = self.spool.errors_file(upload)
+        for delay in (*REPORT_RETRY_S, None):
+            try:
+                await processing.report(upload, errors if upload.failed else None)
+                upload.mailed, upload.report_error = True, None
+                break
+            except Exception as error:  # the mail server: down, refusing, slow
+                logger.error(
+                    "upload report not sent", upload=upload.id, error=repr(error), retry_in=delay
+                )
+                upload.report_error = repr(error)
+                self.spool.save(upload)
+            if delay is None or await self._stopped_within(delay):
+                break
+        if not upload.mailed and self._stopping.is_set():
+            return  # reported after the restart
+        upload.state = "done" if upload.mailed and upload.error is None else "failed"
+        self.spool.save(upload)
+        logger.info("upload reported", upload=upload.id, mailed=upload.mailed, state=upload.state)
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        try:
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def view(self, limit: int = 20, *, private: bool = False) -> list[dict[str, Any]]:
+        """The latest uploads with their progress (the one at work: live figures); email
+        addresses only when `private`."""
+        return [self.describe(u, private=private) for u in self.spool.all()[:limit]]
+
+    def describe(self, upload: Upload, *, private: bool = False) -> dict[str, Any]:
+        successful, failed = upload.successful, upload.failed
+        current = self._current
+        if current is not None and current[0].id == upload.id:
+            successful, failed = current[1].successful, current[1].failed
+        done = successful + failed
+        rate = eta = None
+        if upload.state == "processing" and upload.started:
+            elapsed = max(time.time() - upload.started, 1e-3)
+            rate = done / elapsed
+            eta = (upload.rows - done) / rate if rate else None
+        return {
+            "id": upload.id,
+            "pipeline": upload.pipeline,
+            "filename": upload.filename,
+            "email": upload.email if private else _masked(upload.email),
+            "state": upload.state,
+            "rows": upload.rows,
+            "successful": successful,
+            "failed": failed,
+            "rate": round(rate, 1) if rate is not None else None,
+            "eta_s": round(eta, 1) if eta is not None else None,
+            "created": upload.created,
+            "finished": upload.finished,
+            "attempts": upload.attempts,
+            "mailed": upload.mailed,
+            "error": upload.error,
+            "report_error": upload.report_error,
+        }
+
+
+def _masked(email: str) -> str:
+    """`a…@example.com`: enough to recognise one's own upload on a read-only page."""
+    name, _, domain = email.partition("@")
+    return f"{name[:1]}…@{domain}"

@@ -1,0 +1,66 @@
+"""Uploads of bookings: the bookings pipeline over an uploaded CSV file, and the email that
+tells the person who uploaded it how it went."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+from ingest import Pipeline
+from ingest.producers.csv_file import CsvFileProducer
+from ingest.service.spool import Upload
+from pipelines.mail import Mailer, upload_report
+
+
+class FileUploads:
+    """`pipeline()` builds the hosted pipeline's twin over a file (`make_pipeline`: the
+    same handlers, so the same database and notifier, and the same stages); `report()`
+    mails the summary, with the errors CSV attached when rows failed."""
+
+    def __init__(
+        self,
+        make_pipeline: Callable[[str, CsvFileProducer], Pipeline],
+        mailer: Mailer,
+        sender: str,
+    ) -> None:
+        self.make_pipeline = make_pipeline
+        self.mailer = mailer
+        self.sender = sender
+
+    def pipeline(self, producer: CsvFileProducer, name: str) -> Pipeline:
+        return self.make_pipeline(name, producer)
+
+    async def report(self, upload: Upload, errors: Path | None) -> None:
+        attachment = (errors, f"{Path(upload.filename).stem}.errors.csv") if errors else None
+        message = await asyncio.to_thread(
+            upload_report, self.sender, upload.email, summary(upload), subject(upload), attachment
+        )
+        await self.mailer.send(message)
+
+    async def close(self) -> None:
+        await self.mailer.close()
+
+
+def subject(upload: Upload) -> str:
+    if upload.error is not None:
+        return f"Your upload {upload.filename} stopped: {upload.successful:,} booked"
+    return f"Your upload {upload.filename}: {upload.successful:,} booked, {upload.failed:,} failed"
+
+
+def summary(upload: Upload) -> list[str]:
+    took = (upload.finished or 0.0) - (upload.started or 0.0)
+    lines = [
+        f"Your file {upload.filename} (upload {upload.id}) has been processed.",
+        "",
+        f"Rows:   {upload.rows:,}",
+        f"Booked: {upload.successful:,}",
+        f"Failed: {upload.failed:,}",
+        f"Took:   {took:,.1f} s",
+    ]
+    if upload.failed:
+        lines += ["", "The rows that failed, with their reasons, are in the attached errors CSV."]
+    if upload.error is not None:
+        left = upload.rows - upload.successful - upload.failed
+        lines += ["", f"Processing stopped before the end ({left:,} rows left): {upload.error}"]
+    return lines
