@@ -132,7 +132,7 @@ class Spool:
 
 
 async def _write_checked(chunks: AsyncIterator[bytes], path: Path, max_bytes: int) -> int:
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    text = _TextCheck()
     size = 0
     with path.open("wb") as file:
         async for chunk in chunks:
@@ -143,26 +143,34 @@ async def _write_checked(chunks: AsyncIterator[bytes], path: Path, max_bytes: in
                     "(INGEST_UPLOAD_MAX_BYTES)",
                     too_large=True,
                 )
-            _check_text(decoder, chunk, size - len(chunk))
+            text.check(chunk)
             file.write(chunk)
-        _check_text(decoder, b"", size, final=True)
+        text.check(b"", final=True)
         file.flush()
         await asyncio.to_thread(os.fsync, file.fileno())
     return size
 
 
-def _check_text(
-    decoder: codecs.IncrementalDecoder, chunk: bytes, offset: int, final: bool = False
-) -> None:
-    try:
-        text = decoder.decode(chunk, final)
-    except UnicodeDecodeError as error:
-        raise UploadRejected(
-            f"not UTF-8: byte {offset + error.start:,} cannot be read as UTF-8; save the "
-            "file as CSV UTF-8"
-        ) from None
-    if "\0" in text:
-        raise UploadRejected("not a CSV file: it holds binary data (NUL bytes)")
+class _TextCheck:
+    """UTF-8 without NUL characters, checked piece by piece (a character may be cut
+    between two pieces); the error names the line."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        self._lines = 1
+
+    def check(self, chunk: bytes, final: bool = False) -> None:
+        try:
+            text = self._decoder.decode(chunk, final)
+        except UnicodeDecodeError as error:
+            line = self._lines + chunk.count(b"\n", 0, max(error.start, 0))
+            raise UploadRejected(
+                f"not UTF-8: line {line:,} has bytes that are not UTF-8; save the file as "
+                "CSV UTF-8"
+            ) from None
+        if "\0" in text:
+            raise UploadRejected("not a CSV file: it holds binary data (NUL bytes)")
+        self._lines += text.count("\n")
 
 
 def _inspect(path: Path) -> tuple[int, bool]:
