@@ -143,10 +143,11 @@ class Uploads:
             successful, failed = current[1].successful, current[1].failed
         done = successful + failed
         rate = eta = None
-        if upload.state == "processing" and upload.started:
-            elapsed = max(time.time() - upload.started, 1e-3)
+        if upload.started:  # rows a second, so far or overall
+            elapsed = max((upload.finished or time.time()) - upload.started, 1e-3)
             rate = done / elapsed
-            eta = (upload.rows - done) / rate if rate else None
+        if upload.state == "processing" and rate:
+            eta = (upload.rows - done) / rate
         return {
             "id": upload.id,
             "pipeline": upload.pipeline,

@@ -1,12 +1,14 @@
 """The live page in a real browser (Debian's Chromium, driven by Playwright): both
 pipelines and their topology, counters and sparklines that move as bookings go through,
-pausing a pipeline from the page, and replaying a dead letter from it into a ticket. Each
+pausing a pipeline from the page, replaying a dead letter from it into a ticket, and
+uploading a CSV from it to the end of its report. Each
 test saves a screenshot under var/artifacts/; with INGEST_UPDATE_SCREENSHOT=1 the first
 also writes docs/dashboard.png, the README's picture."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from sqlalchemy import insert, select
 
 from pipelines.db import tickets, users
 from tests.integration.service import RunningService, local_service, publish_from_ui
+from tests.integration.uploads import BAD_ROWS, attachment_rows, bookings_csv, reports
 from tests.support import Broker, eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +51,12 @@ async def browser() -> AsyncIterator[Browser]:
 @pytest.fixture
 async def service(broker: Broker, queue_name: str, tmp_path: Any) -> AsyncIterator[RunningService]:
     async with local_service(
-        broker, queue_name, tmp_path, admin_token=TOKEN, queue_depth_interval=0.5
+        broker,
+        queue_name,
+        tmp_path,
+        admin_token=TOKEN,
+        queue_depth_interval=0.5,
+        upload_dir=tmp_path / "uploads",
     ) as running:
         yield running
 
@@ -144,3 +152,39 @@ async def test_replaying_a_dead_letter_from_the_page_turns_it_into_a_ticket(
             return "stranger-1" in set(rows.scalars())
 
     await eventually(ticketed, timeout=15)
+
+
+async def test_an_upload_from_the_page_shows_its_progress_and_ends_in_a_report(
+    browser: Browser, service: RunningService, tmp_path: Path
+) -> None:
+    page = await browser.new_page(viewport={"width": 1280, "height": 900})
+    await page.goto(service.http + "/")
+    await page.fill("#token", TOKEN)
+    await page.fill("#upload-email", "me@example.com")
+
+    # A bad file first: the page says why.
+    await page.set_input_files(
+        "#upload-file",
+        files=[{"name": "latin.csv", "mimeType": "text/csv", "buffer": b"caf\xe9,1\n"}],
+    )
+    await page.click("#upload-button")
+    await expect(page.locator("#upload-out")).to_contain_text("latin.csv refused: not UTF-8")
+
+    await page.set_input_files(
+        "#upload-file",
+        files=[{"name": "bookings.csv", "mimeType": "text/csv", "buffer": bookings_csv(10_000)}],
+    )
+    await page.click("#upload-button")
+    await expect(page.locator("#upload-out")).to_contain_text("bookings.csv accepted (10000 rows)")
+    row = page.locator("tr[data-upload]").first
+    await expect(row.locator("[data-upload-state]")).to_have_text(
+        re.compile("processing|reporting|done"), timeout=10_000
+    )
+    await expect(row.locator("[data-upload-state]")).to_have_text("done", timeout=60_000)
+    await expect(row.locator("[data-upload-done]")).to_have_text("10000 / 10000")
+    await expect(row.locator("[data-upload-failed]")).to_have_text(str(len(BAD_ROWS)))
+    await screenshot(page, "upload-done")
+
+    (report,) = reports(tmp_path / "outbox")
+    assert report["To"] == "me@example.com"
+    assert {int(line): row for line, row, _ in attachment_rows(report)[1:]} == BAD_ROWS

@@ -5,12 +5,8 @@ restart without booking twice."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import AsyncIterator
-from email import message_from_bytes
-from email.message import Message as EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +16,10 @@ from sqlalchemy import select
 
 from pipelines.db import tickets
 from tests.integration.service import RunningService, local_service, smtp_server
+from tests.integration.uploads import BAD_ROWS, attachment_rows, bookings_csv, reports
 from tests.support import Broker, eventually
 
 TOKEN = "upload-admin-token"
-BAD_ROWS = {3: "cinema,999", 7: "not a booking", 12: "musical,abc"}
-
-
-def bookings_csv(rows: int) -> bytes:
-    """A header, then `rows` rows of which those of BAD_ROWS (by file line) fail."""
-    lines = ["event,user_id"]
-    for line in range(2, rows + 2):
-        lines.append(
-            BAD_ROWS.get(line, f"{('cinema', 'musical', 'opera')[line % 3]},{line % 3 + 1}")
-        )
-    return ("\n".join(lines) + "\n").encode()
 
 
 async def upload(
@@ -85,20 +71,6 @@ async def booked(service: RunningService, upload_id: str) -> list[str]:
             select(tickets.c.message_id).where(tickets.c.message_id.like(f"{upload_id}.csv:%"))
         )
         return list(rows.scalars())
-
-
-def reports(outbox: Path) -> list[EmailMessage]:
-    emails = [message_from_bytes(p.read_bytes()) for p in sorted(outbox.glob("*.eml"))]
-    return [e for e in emails if str(e["Subject"]).startswith("Your upload")]
-
-
-def attachment_rows(report: EmailMessage) -> list[list[str]]:
-    for part in report.walk():
-        if part.get_content_disposition() == "attachment":
-            payload = part.get_payload(decode=True)
-            assert isinstance(payload, bytes)
-            return list(csv.reader(io.StringIO(payload.decode())))
-    raise AssertionError("the report has no attachment")
 
 
 @pytest.fixture
@@ -169,9 +141,7 @@ async def test_two_uploads_of_the_same_file_are_different_bookings(
         pytest.param(
             b"\x00PK\x03\x04", "a@b.c", TOKEN, "bookings", 422, "binary data", id="binary"
         ),
-        pytest.param(
-            b"hello\nworld\n", "a@b.c", TOKEN, "bookings", 422, "not a CSV", id="not-csv"
-        ),
+        pytest.param(b"hello\nworld\n", "a@b.c", TOKEN, "bookings", 422, "not a CSV", id="not-csv"),
         pytest.param(b"event,user_id\n", "a@b.c", TOKEN, "bookings", 422, "empty", id="empty"),
         pytest.param(
             b"cinema,1\n", None, TOKEN, "bookings", 400, "email address is needed", id="no-email"
