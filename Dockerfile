@@ -22,7 +22,9 @@ RUN groupadd --system --gid 10001 ingest \
 WORKDIR /app
 COPY --from=build /opt/venv /opt/venv
 COPY config ./config
-RUN mkdir -p /app/var && chown 10001:10001 /app/var
+# var/uploads exists in the image so that a named volume mounted there starts owned by
+# the service's user (Docker copies the directory's ownership into a new volume).
+RUN mkdir -p /app/var/uploads && chown -R 10001:10001 /app/var
 USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \

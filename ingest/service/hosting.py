@@ -200,7 +200,7 @@ async def serve(
             f"cannot serve HTTP on {settings.http_host}:{settings.http_port}: {exc.strerror or exc}"
         ) from exc
     reading = asyncio.create_task(depths.run(), name="queue depths") if depths.queues else None
-    uploading = asyncio.create_task(uploads.run(), name="uploads") if uploads.processing else None
+    uploading = asyncio.create_task(uploads.run(), name="uploads") if uploads.claim() else None
     stop = stop or asyncio.Event()
     failed: list[Pipeline] = []
     loop = asyncio.get_running_loop()
@@ -230,7 +230,10 @@ async def serve(
             loop.remove_signal_handler(signum)
         if uploading is not None:  # first: its pipeline shares the hosted ones' resources
             await uploads.stop()
-            await uploading
+            try:
+                await uploading
+            finally:
+                uploads.spool.release()
         await asyncio.gather(*(item.pipeline.stop() for item in hosted.values()))
         for name, item in hosted.items():
             if item.shutdown is not None:

@@ -254,6 +254,12 @@ class HttpServer:
             takers = ", ".join(uploads.processing) if uploads else ""
             return _error(404, f"pipeline {name!r} takes no uploads; these do: {takers or 'none'}")
         spool = uploads.spool
+        if not uploads.owner:
+            return _error(
+                409,
+                f"another ingest process (another worker) takes the uploads of "
+                f"{spool.directory}: upload to that one",
+            )
         if (request.content_length or 0) > spool.max_bytes + MULTIPART_OVERHEAD:
             return _too_large(spool.max_bytes)
         if request.content_type != "multipart/form-data":

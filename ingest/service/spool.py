@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import csv
+import fcntl
 import json
 import os
 import secrets
@@ -13,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import structlog
 
@@ -62,6 +63,27 @@ class Spool:
         self.directory = directory
         self.max_bytes = max_bytes
         self._uploads: dict[str, Upload] | None = None
+        self._lock: IO[str] | None = None
+
+    def claim(self) -> bool:
+        """Whether this process owns the spool (an exclusive lock on `<directory>/.lock`,
+        held until `release`): only the owner takes and processes uploads, so two
+        workers sharing a directory never work on one upload side by side."""
+        if self._lock is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            lock = (self.directory / ".lock").open("a")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                return False
+            self._lock = lock
+        return True
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # which releases the lock
+            self._lock = None
 
     def file(self, upload: Upload) -> Path:
         return self.directory / f"{upload.id}.csv"
@@ -165,8 +187,7 @@ class _TextCheck:
         except UnicodeDecodeError as error:
             line = self._lines + chunk.count(b"\n", 0, max(error.start, 0))
             raise UploadRejected(
-                f"not UTF-8: line {line:,} has bytes that are not UTF-8; save the file as "
-                "CSV UTF-8"
+                f"not UTF-8: line {line:,} has bytes that are not UTF-8; save the file as CSV UTF-8"
             ) from None
         if "\0" in text:
             raise UploadRejected("not a CSV file: it holds binary data (NUL bytes)")

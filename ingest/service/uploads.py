@@ -39,9 +39,21 @@ class Uploads:
     def __init__(self, spool: Spool, processing: Mapping[str, FileProcessing]) -> None:
         self.spool = spool
         self.processing = processing
+        self.owner = False  # whether this process took the spool (`claim`)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._current: tuple[Upload, CsvFileProducer] | None = None
+
+    def claim(self) -> bool:
+        """Take the spool for this process, if there are uploads to process and no other
+        process took it (another worker of `ingest run --workers N`)."""
+        if self.processing and not self.owner:
+            self.owner = self.spool.claim()
+            if not self.owner:
+                logger.warning(
+                    "another process takes the uploads", directory=str(self.spool.directory)
+                )
+        return self.owner
 
     def wake(self) -> None:
         """A new upload is in the spool."""

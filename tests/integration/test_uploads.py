@@ -250,3 +250,17 @@ async def test_a_report_the_mail_server_refused_goes_once_it_is_back(
             )
         (report,) = [m for m in mail.inbox.messages if str(m["Subject"]).startswith("Your upload")]
         assert report["To"] == "me@example.com"
+
+
+async def test_a_second_process_sharing_the_upload_directory_refuses_uploads(
+    broker: Broker, queue_name: str, tmp_path: Path, service: RunningService
+) -> None:
+    # `service` owns tmp_path/uploads; another worker started on the same directory:
+    async with local_service(
+        broker, queue_name, tmp_path / "other", admin_token=TOKEN, upload_dir=tmp_path / "uploads"
+    ) as other:
+        code, answer = await upload(other, bookings_csv(5))
+    assert code == 409
+    assert "another ingest process" in answer["error"]
+    code, answer = await upload(service, bookings_csv(5))
+    assert code == 202

@@ -97,3 +97,13 @@ async def test_an_unreadable_manifest_is_left_alone(tmp_path: Path) -> None:
     spool.save(await receive(spool, b"cinema,1\n"))
     (tmp_path / "u2026-broken.json").write_text("{not json")
     assert len(Spool(tmp_path, 1000).all()) == 1
+
+
+def test_one_process_at_a_time_owns_a_spool(tmp_path: Path) -> None:
+    first, second = Spool(tmp_path, 1000), Spool(tmp_path, 1000)
+    assert first.claim()
+    assert first.claim()  # still its own
+    assert not second.claim()  # as another worker sharing the directory sees it
+    first.release()
+    assert second.claim()  # once the owner stopped
+    second.release()
