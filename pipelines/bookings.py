@@ -186,7 +186,8 @@ def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
                 connection_name=client_name("ingest-bookings"),
                 prefetch_count=config.prefetch_count,
                 retry=config.retry_policy(RETRY),
-                metadata=("message_id", "redelivered"),
+                # headers: the publish time some carry (the live page's publish-to-ack latency)
+                metadata=("message_id", "redelivered", "headers"),
             )
         )
         publisher = Publisher(

@@ -104,7 +104,8 @@ def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
                 connection_name=client_name("ingest-notifications"),
                 prefetch_count=config.prefetch_count or PREFETCH,
                 retry=config.retry_policy(RETRY),
-                metadata=("message_id", "redelivered"),
+                # headers: the publish time some carry (the live page's publish-to-ack latency)
+                metadata=("message_id", "redelivered", "headers"),
             )
         )
     pipeline = Pipeline(

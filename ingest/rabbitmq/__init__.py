@@ -21,13 +21,14 @@ from ingest.rabbitmq.options import (
     RetryPolicy,
 )
 from ingest.rabbitmq.producer import RabbitMQProducer
-from ingest.rabbitmq.publisher import OutgoingMessage, Publisher
+from ingest.rabbitmq.publisher import PUBLISHED_AT_HEADER, OutgoingMessage, Publisher
 from ingest.rabbitmq.stats import ProducerStats
 
 __all__ = [
     "ATTEMPTS_HEADER",
     "EXCEPTION_HEADER",
     "FAILED_AT_HEADER",
+    "PUBLISHED_AT_HEADER",
     "QUEUE_HEADER",
     "REASON_HEADER",
     "Backoff",

@@ -2,7 +2,8 @@
 that a view opened late still has the history.
 
 `Activity` follows one pipeline's events: messages received, succeeded and failed per
-second over the last 15 minutes, batches by what closed them, the last 50 failures.
+second over the last 15 minutes, batches by what closed them, the last 50 failures, and
+publish-to-ack latency over the last minute (of the messages stamped by a Publisher).
 `snapshot()` puts that together with its open batches (per batcher: how many, the age of
 the oldest, the busiest keys), the pipeline's state (running, paused, circuit,
 restarts, in flight against the prefetch and where open batches close early, readiness,
@@ -20,9 +21,12 @@ from typing import Any
 from ingest.events import Event, EventKind
 from ingest.pipeline import Pipeline
 from ingest.rabbitmq.producer import RabbitMQProducer
+from ingest.rabbitmq.publisher import PUBLISHED_AT_HEADER
 
 HISTORY_S = 15 * 60
 FAILURES_KEPT = 50
+LATENCY_WINDOW_S = 60
+LATENCY_SAMPLES_KEPT = 10_000
 OBSERVED: frozenset[EventKind] = frozenset(("processor.start", "ack", "batch.stop"))
 
 
@@ -34,6 +38,8 @@ class Activity:
         self._seconds: deque[list[int]] = deque()
         self.triggers: Counter[str] = Counter()
         self.failures: deque[dict[str, Any]] = deque(maxlen=FAILURES_KEPT)
+        # (when acknowledged, milliseconds since published)
+        self._latencies: deque[tuple[float, float]] = deque(maxlen=LATENCY_SAMPLES_KEPT)
         pipeline.events.subscribe(self.on_event, kinds=OBSERVED)
 
     def on_event(self, event: Event) -> None:
@@ -44,6 +50,7 @@ class Activity:
             self._count(2, event.failed)
             if event.failed:
                 self._keep_failures(event)
+            self._keep_latencies(event)
         elif event.batch_info is not None:  # batch.stop
             self.triggers[event.batch_info.trigger] += 1
 
@@ -75,6 +82,35 @@ class Activity:
             while seconds[0][0] <= second - HISTORY_S:
                 seconds.popleft()
         seconds[-1][column + 1] += count
+
+    def latency(self) -> dict[str, float] | None:
+        """Publish-to-ack milliseconds over the last LATENCY_WINDOW_S: percentiles 50,
+        90 and 99, the largest, and how many samples; None without samples."""
+        since = self.clock() - LATENCY_WINDOW_S
+        values = sorted(ms for when, ms in self._latencies if when >= since)
+        if not values:
+            return None
+        last = len(values) - 1
+
+        def percentile(share: float) -> float:
+            return round(values[round(share * last)], 1)
+
+        return {
+            "p50": percentile(0.5),
+            "p90": percentile(0.9),
+            "p99": percentile(0.99),
+            "max": round(values[-1], 1),
+            "samples": len(values),
+        }
+
+    def _keep_latencies(self, event: Event) -> None:
+        now = self.clock()
+        for message in event.messages:
+            headers = message.metadata.get("headers")
+            if headers:
+                published = headers.get(PUBLISHED_AT_HEADER)
+                if isinstance(published, int) and not isinstance(published, bool):
+                    self._latencies.append((now, now * 1000 - published))
 
     def _keep_failures(self, event: Event) -> None:
         when = self.clock()
@@ -117,6 +153,7 @@ def snapshot(
             "batches_by_trigger": dict(activity.triggers),
             "open_batches": pipeline.open_batches(),
             "failures": list(activity.failures)[::-1],  # newest first
+            "latency_ms": activity.latency(),
             "queues": {q: n for (p, q), n in sorted(queues.items()) if p == name},
         }
     return {"time": time.time(), "history_s": HISTORY_S, "pipelines": pipelines}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 from sqlalchemy import insert, select
 
+from ingest.rabbitmq import PUBLISHED_AT_HEADER
 from pipelines.db import tickets, users
 from tests.integration.service import RunningService, local_service, publish_from_ui
 from tests.integration.uploads import BAD_ROWS, attachment_rows, bookings_csv, reports
@@ -88,9 +90,16 @@ async def test_the_page_shows_both_pipelines_and_moves_with_the_bookings(
         await amqp.basic_publish(
             f"cinema,{n % 3 + 1}".encode(),
             routing_key=f"{queue_name}-bookings",
-            properties=aiormq.spec.Basic.Properties(delivery_mode=2, message_id=f"page-{n}"),
+            properties=aiormq.spec.Basic.Properties(
+                delivery_mode=2,
+                message_id=f"page-{n}",
+                headers={PUBLISHED_AT_HEADER: int(time.time() * 1000)},  # as Publisher stamps
+            ),
         )
     await expect(bookings.locator('[data-figure="successful"]')).to_have_text("200", timeout=20_000)
+    await expect(bookings.locator('[data-figure="latency"]')).to_have_text(
+        re.compile(r"^[\d.]+ / [\d.]+ / [\d.]+ ms$")
+    )
     # The sparkline of received messages has a peak now.
     peak = await bookings.locator("svg.sparkline").first.get_attribute("aria-label")
     assert peak is not None

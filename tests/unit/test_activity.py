@@ -7,7 +7,14 @@ import json
 from typing import Any
 
 from ingest import Batcher, Handlers, Message
-from ingest.service.activity import FAILURES_KEPT, HISTORY_S, Activity, snapshot
+from ingest.rabbitmq import PUBLISHED_AT_HEADER
+from ingest.service.activity import (
+    FAILURES_KEPT,
+    HISTORY_S,
+    LATENCY_WINDOW_S,
+    Activity,
+    snapshot,
+)
 from ingest.testing import push_messages
 from tests.support import eventually
 
@@ -106,3 +113,27 @@ async def test_open_batches_say_how_many_how_old_and_the_busiest_keys(
     assert summary["batches"] == 2
     assert summary["busiest"] == [["alice", 2], ["bob", 1]]
     assert 0 <= summary["oldest_s"] < 5
+
+
+async def test_publish_to_ack_latency_percentiles_over_the_last_minute(
+    make_pipeline: MakePipeline,
+) -> None:
+    pipeline = await make_pipeline(Some(), batchers={"b": Batcher(batch_size=1)})
+    clock = Clock()
+    activity = Activity(pipeline, clock)
+    assert activity.latency() is None  # nothing stamped yet
+    now_ms = int(clock.now * 1000)
+    for delay_ms in range(1, 101):  # published 1..100 ms before the ack
+        stamped = {"headers": {PUBLISHED_AT_HEADER: now_ms - delay_ms}}
+        await (await push_messages(pipeline, ["a"], metadata=stamped)).wait()
+    for odd in ({"headers": {PUBLISHED_AT_HEADER: "soon"}}, {"headers": None}, {}):
+        await (await push_messages(pipeline, ["a"], metadata=odd)).wait()  # not samples
+    assert activity.latency() == {
+        "p50": 51.0,
+        "p90": 90.0,
+        "p99": 99.0,
+        "max": 100.0,
+        "samples": 100,
+    }
+    clock.now += LATENCY_WINDOW_S + 1
+    assert activity.latency() is None  # out of the window

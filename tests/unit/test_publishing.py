@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -21,9 +22,10 @@ from pamqp.header import ContentHeader
 from structlog.testing import capture_logs
 
 from ingest.exceptions import PublishError, Unroutable
-from ingest.rabbitmq import OutgoingMessage
+from ingest.rabbitmq import PUBLISHED_AT_HEADER, OutgoingMessage, Publisher
 from ingest.rabbitmq import _fastpath as fastpath
 from ingest.rabbitmq import _publishing as publishing
+from ingest.rabbitmq.publisher import STAMP_INTERVAL_S
 
 FRAME_MAX = 4096  # small, so that a body of a few KiB is split as aiormq splits it
 
@@ -404,3 +406,19 @@ def test_an_aiormq_confirmation_handler_gone_is_refused(
     with capture_logs() as logs:
         assert not publishing._channel_usable(channel)
     assert logs[0]["reason"] == f"aiormq.Channel.{method} is gone"
+
+
+def test_a_sample_of_published_messages_carries_its_publish_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    publisher = Publisher("amqp://guest:guest@localhost/%2F")
+    now = [1_000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    batch = [OutgoingMessage(b"a", "q", headers={"kept": 1}), OutgoingMessage(b"b", "q")]
+    stamped = publisher._stamp(batch)
+    assert stamped[0].headers == {"kept": 1, PUBLISHED_AT_HEADER: 1_000_000}
+    assert stamped[1] is batch[1]  # one a batch
+    now[0] += STAMP_INTERVAL_S / 2
+    assert publisher._stamp(batch) is batch  # not again so soon
+    now[0] += STAMP_INTERVAL_S
+    assert PUBLISHED_AT_HEADER in (publisher._stamp(batch)[0].headers or {})
