@@ -27,7 +27,10 @@ HISTORY_S = 15 * 60
 FAILURES_KEPT = 50
 LATENCY_WINDOW_S = 60
 LATENCY_SAMPLES_KEPT = 10_000
-OBSERVED: frozenset[EventKind] = frozenset(("processor.start", "ack", "batch.stop"))
+BUSY_WINDOW_S = 5
+OBSERVED: frozenset[EventKind] = frozenset(
+    ("processor.start", "processor.stop", "ack", "batch.stop")
+)
 
 
 class Activity:
@@ -40,6 +43,9 @@ class Activity:
         self.failures: deque[dict[str, Any]] = deque(maxlen=FAILURES_KEPT)
         # (when acknowledged, milliseconds since published)
         self._latencies: deque[tuple[float, float]] = deque(maxlen=LATENCY_SAMPLES_KEPT)
+        # Per stage group (":processors", or a batcher's name for its batch processors):
+        # [second, seconds of work that ended in it], the last BUSY_WINDOW_S seconds.
+        self._work: dict[str, deque[list[float]]] = {}
         pipeline.events.subscribe(self.on_event, kinds=OBSERVED)
 
     def on_event(self, event: Event) -> None:
@@ -51,8 +57,36 @@ class Activity:
             if event.failed:
                 self._keep_failures(event)
             self._keep_latencies(event)
+        elif event.kind == "processor.stop":
+            self._count_work(":processors", event.duration or 0.0)
         elif event.batch_info is not None:  # batch.stop
             self.triggers[event.batch_info.trigger] += 1
+            self._count_work(event.batch_info.batcher, event.duration or 0.0)
+
+    def busy(self) -> dict[str, Any]:
+        """How busy the stages were over the last BUSY_WINDOW_S seconds: the share of
+        their workers' time spent on chunks (`processors`) and on batches (`batchers`:
+        each batcher's batch processors), from 0 to 1."""
+        topology = self.pipeline.topology()
+        start = int(self.clock()) - BUSY_WINDOW_S + 1
+
+        def share(key: str, workers: int) -> float:
+            seconds = sum(w for second, w in self._work.get(key, ()) if second >= start)
+            return round(min(1.0, seconds / (BUSY_WINDOW_S * workers)), 3)
+
+        return {
+            "processors": share(":processors", topology.processors.concurrency),
+            "batchers": {g.name: share(g.name, g.concurrency) for g in topology.batchers},
+        }
+
+    def _count_work(self, group: str, seconds: float) -> None:
+        second = int(self.clock())
+        work = self._work.setdefault(group, deque())
+        if not work or work[-1][0] != second:
+            work.append([second, 0.0])
+            while work[0][0] < second - BUSY_WINDOW_S:
+                work.popleft()
+        work[-1][1] += seconds
 
     def rates(self) -> dict[str, list[int]]:
         """Per second over the last HISTORY_S seconds, oldest first (the current second,
@@ -149,6 +183,7 @@ def snapshot(
             "close_early_at": pipeline.close_early_at,
             "consumers_ready": _consumers_ready(pipeline),
             "topology": dataclasses.asdict(pipeline.topology()),
+            "busy": activity.busy(),
             "rates": activity.rates(),
             "batches_by_trigger": dict(activity.triggers),
             "open_batches": pipeline.open_batches(),

@@ -97,6 +97,11 @@ async def test_the_page_shows_both_pipelines_and_moves_with_the_bookings(
             ),
         )
     await expect(bookings.locator('[data-figure="successful"]')).to_have_text("200", timeout=20_000)
+    # The stages that worked are shaded by how busy they were.
+    for stage in ("processors", "batch processors cinema"):
+        busy = await bookings.locator(f'g.stage[data-stage="{stage}"]').get_attribute("data-busy")
+        assert busy is not None
+        assert float(busy) > 0, stage
     await expect(bookings.locator('[data-figure="latency"]')).to_have_text(
         re.compile(r"^[\d.]+ / [\d.]+ / [\d.]+ ms$")
     )

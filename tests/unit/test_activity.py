@@ -3,12 +3,14 @@ its last failures, from its events; and the snapshot the live view reads."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from ingest import Batcher, Handlers, Message
 from ingest.rabbitmq import PUBLISHED_AT_HEADER
 from ingest.service.activity import (
+    BUSY_WINDOW_S,
     FAILURES_KEPT,
     HISTORY_S,
     LATENCY_WINDOW_S,
@@ -137,3 +139,27 @@ async def test_publish_to_ack_latency_percentiles_over_the_last_minute(
     }
     clock.now += LATENCY_WINDOW_S + 1
     assert activity.latency() is None  # out of the window
+
+
+class Slow(Some):
+    async def handle_message(self, processor: str, message: Message, context: Any) -> Message:
+        await asyncio.sleep(0.02)
+        return await super().handle_message(processor, message, context)
+
+    async def handle_batch(self, batcher, messages, batch_info, context):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.1)
+        return messages
+
+
+async def test_busy_is_the_share_of_the_workers_time_at_work(make_pipeline: MakePipeline) -> None:
+    pipeline = await make_pipeline(Slow(), batchers={"b": Batcher(batch_size=1, concurrency=2)})
+    clock = Clock()
+    activity = Activity(pipeline, clock)
+    assert activity.busy() == {"processors": 0.0, "batchers": {"b": 0.0}}
+    await (await push_messages(pipeline, ["a"] * 4)).wait()
+    busy = activity.busy()
+    # Four batches of 0.1 s for two batch processors over a five-second window: about 4 %.
+    assert 0.035 <= busy["batchers"]["b"] <= 0.06
+    assert 0 < busy["processors"] < busy["batchers"]["b"]  # 4 x 0.02 s of handle_message
+    clock.now += BUSY_WINDOW_S
+    assert activity.busy() == {"processors": 0.0, "batchers": {"b": 0.0}}
