@@ -75,8 +75,10 @@ class Publisher:
         connect_timeout: float = 30.0,
         publish_timeout: float = 30.0,
         declare_queues: Sequence[str] | Mapping[str, QueueDeclare] = (),
+        stamp_publish_time: bool = True,
     ) -> None:
         self.url = url
+        self.stamp_publish_time = stamp_publish_time
         # A queue named alone is declared durable; with its QueueDeclare, as that says
         # (the arguments must be those its consumer declares: a quorum queue, say).
         self.declare_queues: dict[str, QueueDeclare] = (
@@ -118,7 +120,7 @@ class Publisher:
     def _stamp(self, messages: Sequence[OutgoingMessage]) -> Sequence[OutgoingMessage]:
         """`messages`, the first with PUBLISHED_AT_HEADER when none was stamped for a while."""
         now = time.time()
-        if not messages or now - self._stamped_at < STAMP_INTERVAL_S:
+        if not self.stamp_publish_time or not messages or now - self._stamped_at < STAMP_INTERVAL_S:
             return messages
         self._stamped_at = now
         first = messages[0]
