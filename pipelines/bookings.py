@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -14,6 +15,7 @@ from ingest import Batcher, BatchInfo, Handlers, Message, Pipeline, Processors
 from ingest.producers.csv_file import CsvFileProducer
 from ingest.rabbitmq import (
     OutgoingMessage,
+    Partitions,
     Publisher,
     RabbitMQOptions,
     RabbitMQProducer,
@@ -24,11 +26,13 @@ from ingest.service.hosting import HostedPipeline
 from ingest.service.settings import Settings
 from pipelines.db import Database, TicketRow
 from pipelines.mail import mailer_for
+from pipelines.notifications import partitions_of
 from pipelines.payloads import Booking, PayloadError, parse_booking
 from pipelines.uploads import FileUploads
 
 QUEUE = "bookings_queue"
 NOTIFICATIONS_QUEUE = "notifications_queue"
+JSON = "application/json"
 ROUTED_EVENTS = ("cinema", "musical")
 # Two batch processors per batcher: a batch waits about 10 ms for its INSERT's commit and
 # 20 ms for its notifications' confirms, and the next one can be on its way meanwhile
@@ -86,18 +90,37 @@ class Ticket:
         self.email = ""
 
 
+# A notification's body, recipient and message id made into what is published: to the
+# notifications queue, or through its partitions' exchange, keyed by the recipient.
+Address = Callable[[bytes, str, str], OutgoingMessage]
+
+
+def to_queue(queue: str) -> Address:
+    def address(body: bytes, recipient: str, message_id: str) -> OutgoingMessage:
+        return OutgoingMessage(body, queue, message_id=message_id, content_type=JSON)
+
+    return address
+
+
+def to_partitions(partitions: Partitions) -> Address:
+    def address(body: bytes, recipient: str, message_id: str) -> OutgoingMessage:
+        return partitions.message(body, recipient, message_id=message_id, content_type=JSON)
+
+    return address
+
+
 class BookingHandlers(Handlers):
     def __init__(
         self,
         db: Database,
         notifier: Notifier,
-        notifications_queue: str,
+        address: Address,
         closed_events: set[str],
         max_body_bytes: int,
     ) -> None:
         self.db = db
         self.notifier = notifier
-        self.notifications_queue = notifications_queue
+        self.address = address
         self.closed_events = closed_events
         self.max_body_bytes = max_body_bytes
 
@@ -141,7 +164,7 @@ class BookingHandlers(Handlers):
         )
         await self.notifier.notify(
             [
-                OutgoingMessage(
+                self.address(
                     json.dumps(
                         {
                             "type": "email",
@@ -151,9 +174,8 @@ class BookingHandlers(Handlers):
                             "booking": t.message_id,
                         }
                     ).encode(),
-                    self.notifications_queue,
-                    message_id=f"{t.message_id}/notification",
-                    content_type="application/json",
+                    t.email,
+                    f"{t.message_id}/notification",
                 )
                 for t in tickets
             ]
@@ -169,7 +191,10 @@ def sample_bookings(count: int) -> list[bytes]:
 def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
     config = settings.pipeline("bookings")
     db = Database(settings.database_url.get_secret_value())
-    notifications_queue = settings.pipeline("notifications").queue or NOTIFICATIONS_QUEUE
+    notifications = settings.pipeline("notifications")
+    notifications_queue = notifications.queue or NOTIFICATIONS_QUEUE
+    partitions = partitions_of(settings)
+    address = to_partitions(partitions) if partitions else to_queue(notifications_queue)
     publisher: Publisher | None = None
     producer: CsvFileProducer | RabbitMQProducer
     if source is not None:
@@ -193,15 +218,17 @@ def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
         publisher = Publisher(
             url,
             connection_name=client_name("ingest-bookings-publisher"),
-            declare_queues={
-                notifications_queue: settings.pipeline("notifications").queue_declare(
-                    notifications_queue
-                )
-            },
+            # What publishing needs, declared even before the notifications consume.
+            declare_queues={}
+            if partitions
+            else {notifications_queue: notifications.queue_declare(notifications_queue)},
+            after_connect=partitions.publisher_hook(notifications.queue_declare)
+            if partitions
+            else None,
         )
         notifier = QueueNotifier(publisher)
     handlers = BookingHandlers(
-        db, notifier, notifications_queue, set(config.closed_events), settings.max_body_bytes
+        db, notifier, address, set(config.closed_events), settings.max_body_bytes
     )
 
     def make(name: str, producer: CsvFileProducer | RabbitMQProducer) -> Pipeline:

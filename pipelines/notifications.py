@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +14,16 @@ import structlog
 
 from ingest import Batcher, BatchInfo, Handlers, Message, Pipeline, Processors
 from ingest.producers.csv_file import CsvFileProducer
-from ingest.rabbitmq import RabbitMQOptions, RabbitMQProducer, RetryPolicy
+from ingest.rabbitmq import (
+    OutgoingMessage,
+    Partitions,
+    QueueDeclare,
+    RabbitMQOptions,
+    RabbitMQProducer,
+    RetryPolicy,
+)
 from ingest.rabbitmq._connection import client_name
-from ingest.service.hosting import HostedPipeline
+from ingest.service.hosting import HostedPipeline, Route
 from ingest.service.settings import Settings
 from pipelines.db import Database
 from pipelines.mail import Mailer, digest, mailer_for
@@ -23,6 +32,7 @@ from pipelines.payloads import Notification, PayloadError, parse_notification
 logger = structlog.get_logger("pipelines.notifications")
 
 QUEUE = "notifications_queue"
+RECIPIENT_HEADER = "recipient"
 PREFETCH = 100
 BATCHERS = {"email": Batcher(batch_size=75, batch_timeout=10.0, concurrency=5)}
 RETRY = RetryPolicy(max_attempts=5, delays=(2.0, 10.0, 30.0, 60.0))
@@ -85,6 +95,23 @@ def sample_notifications(count: int) -> list[bytes]:
     return [f"email,{random.choice(emails)}".encode() for _ in range(count)]
 
 
+def partitions_of(settings: Settings) -> Partitions | None:
+    """The notifications' partitions (INGEST_PIPELINES__NOTIFICATIONS__PARTITIONS), keyed
+    by the recipient, or None for one queue."""
+    config = settings.pipeline("notifications")
+    if not config.partitions:
+        return None
+    return Partitions(config.queue or QUEUE, config.partitions, header=RECIPIENT_HEADER)
+
+
+def by_recipient(message: Message) -> int:
+    """The partition key inside a replica: the recipient header the exchange hashed."""
+    headers = message.metadata.get("headers") or {}
+    recipient = headers.get(RECIPIENT_HEADER) if isinstance(headers, dict) else None
+    text = recipient.decode() if isinstance(recipient, bytes) else str(recipient or "")
+    return zlib.crc32(text.encode("utf-8", "surrogateescape"))
+
+
 def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
     config = settings.pipeline("notifications")
     db = Database(settings.database_url.get_secret_value())
@@ -92,22 +119,27 @@ def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
     # One connection kept open per batch processor: each sends one digest at a time.
     mailer = mailer_for(settings, connections=batchers["email"].concurrency)
     producer: CsvFileProducer | RabbitMQProducer
+    partitions = partitions_of(settings)
     if source is not None:
         producer = CsvFileProducer(source)
     else:
         queue = config.queue or QUEUE
-        producer = RabbitMQProducer(
-            RabbitMQOptions(
-                queue=queue,
-                declare=config.queue_declare(queue),
-                url=settings.amqp_url.get_secret_value(),
-                connection_name=client_name("ingest-notifications"),
-                prefetch_count=config.prefetch_count or PREFETCH,
-                retry=config.retry_policy(RETRY),
-                # headers: the publish time some carry (the live page's publish-to-ack latency)
-                metadata=("message_id", "redelivered", "headers"),
-            )
+        options = RabbitMQOptions(
+            queue=queue,
+            declare=config.queue_declare(queue),
+            url=settings.amqp_url.get_secret_value(),
+            connection_name=client_name("ingest-notifications"),
+            prefetch_count=config.prefetch_count or PREFETCH,
+            retry=config.retry_policy(RETRY),
+            # headers: the recipient (partitions) and the publish time some carry (the
+            # live page's publish-to-ack latency)
+            metadata=("message_id", "redelivered", "headers"),
         )
+        if partitions is not None:
+            options = partitions.consumer_options(
+                options, settings.replica(), config.queue_declare, config.standby_delay
+            )
+        producer = RabbitMQProducer(options)
     pipeline = Pipeline(
         "notifications",
         NotificationHandlers(db, mailer, settings.mail_from, settings.max_body_bytes),
@@ -115,6 +147,9 @@ def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
         processors=config.processor_options(Processors(concurrency=2, max_demand=20)),
         batchers=batchers,
         circuit_breaker=config.circuit_breaker_options() if source is None else None,
+        # Partitioned: one recipient's notifications in order, through one processor and
+        # one batch processor of this replica.
+        partition_by=by_recipient if partitions is not None else None,
         shutdown_timeout=settings.shutdown_timeout,
         handler_timeout=10.0,
     )
@@ -129,4 +164,24 @@ def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
         startup=db.start,
         shutdown=shutdown,
         samples=sample_notifications,
+        route=route_to(partitions, config.queue_declare, settings.max_body_bytes)
+        if partitions
+        else None,
     )
+
+
+def route_to(
+    partitions: Partitions, declare_of: Callable[[str], QueueDeclare], max_body_bytes: int
+) -> Route:
+    """`ingest publish notifications` through the partitions' exchange, keyed by each
+    payload's recipient (an invalid payload goes out keyless and is dead-lettered by its
+    consumer, as from a queue)."""
+
+    def message(body: bytes) -> OutgoingMessage:
+        try:
+            recipient = parse_notification(body, max_body_bytes).recipient
+        except PayloadError:
+            recipient = ""
+        return partitions.message(body, recipient, message_id=uuid.uuid4().hex)
+
+    return Route(message, partitions.publisher_hook(declare_of), partitions.exchange)

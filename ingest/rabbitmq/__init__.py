@@ -20,6 +20,7 @@ from ingest.rabbitmq.options import (
     RabbitMQOptions,
     RetryPolicy,
 )
+from ingest.rabbitmq.partitions import Partitions, Replica
 from ingest.rabbitmq.producer import RabbitMQProducer
 from ingest.rabbitmq.publisher import PUBLISHED_AT_HEADER, OutgoingMessage, Publisher
 from ingest.rabbitmq.stats import ProducerStats
@@ -36,6 +37,7 @@ __all__ = [
     "ChannelAcknowledger",
     "Delivery",
     "OutgoingMessage",
+    "Partitions",
     "ProducerStats",
     "PublishError",
     "Publisher",
@@ -43,6 +45,7 @@ __all__ = [
     "RabbitAckAction",
     "RabbitMQOptions",
     "RabbitMQProducer",
+    "Replica",
     "RetryPolicy",
     "Unroutable",
     "frame_events",

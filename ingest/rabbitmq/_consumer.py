@@ -15,10 +15,10 @@ from ingest.message import Message
 from ingest.producer import Sink
 from ingest.rabbitmq import _fastpath as fastpath
 from ingest.rabbitmq._backoff import reconnect_delay
-from ingest.rabbitmq._connection import CONNECTION_ERRORS, open_connection
+from ingest.rabbitmq._connection import CONNECTION_ERRORS, open_connection, redact
 from ingest.rabbitmq._metadata import metadata_reader
 from ingest.rabbitmq.acknowledger import ChannelAcknowledger, Delivery
-from ingest.rabbitmq.options import RabbitMQOptions, redact
+from ingest.rabbitmq.options import RabbitMQOptions
 from ingest.rabbitmq.queues import declare, explain_refusal
 from ingest.rabbitmq.stats import ProducerStats
 
@@ -179,7 +179,10 @@ class Consumer:
         )
         self._on_consume = fastpath.ignore if direct else self._on_delivery
         self._paused = False
-        if self._held:
+        if options.consume_delay:
+            # A standby: the consumers registered first are the single active ones.
+            await asyncio.sleep(options.consume_delay)
+        if self._held or self._draining:
             self._log.info("connected; not consuming while the pipeline is paused")
             return
         await self._consume(channel)

@@ -229,6 +229,7 @@ class RabbitMQOptions:
     consumer_tag: str | None = None
     consume_exclusive: bool = False
     consume_arguments: Mapping[str, Any] = field(default_factory=dict)
+    consume_delay: float = 0.0
     no_ack: bool = False
     concurrency: int = 1
     per_producer: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
@@ -236,8 +237,7 @@ class RabbitMQOptions:
     def __post_init__(self) -> None:
         self._check_types()
         _check(bool(self.queue), "queue must be a non-empty queue name")
-        if self.url is not None:
-            scheme = URL(self.url).scheme
+        for scheme in {URL(a.strip()).scheme for a in (self.url or "").split(",") if a.strip()}:
             _check(scheme in ("amqp", "amqps"), f"url must be amqp:// or amqps://, got {scheme!r}")
         _check(
             self.prefetch_count is None or _int_between(self.prefetch_count, 1, 65535),
@@ -273,6 +273,10 @@ class RabbitMQOptions:
         _check(
             _int_between(self.concurrency, 1, 1024),
             f"producer concurrency must be an int >= 1, got {self.concurrency!r}",
+        )
+        _check(
+            _seconds(self.consume_delay),
+            f"consume_delay must be seconds >= 0, got {self.consume_delay!r}",
         )
         for index, overrides in self.per_producer.items():
             self._check_overrides(index, overrides)
@@ -392,9 +396,3 @@ _OPTION_TYPES: Final[tuple[tuple[str, Any, str], ...]] = (
         "a mapping of producer index to options, e.g. {1: {'prefetch_count': 100}}",
     ),
 )
-
-
-def redact(url: str) -> str:
-    """The URL with its password hidden, for logs."""
-    parsed = URL(url)
-    return str(parsed.with_password("***")) if parsed.password else url

@@ -16,9 +16,9 @@ from pamqp import commands as spec
 
 from ingest.exceptions import PublishError
 from ingest.rabbitmq._backoff import reconnect_delay
-from ingest.rabbitmq._connection import CONNECTION_ERRORS, open_connection
+from ingest.rabbitmq._connection import CONNECTION_ERRORS, open_connection, redact
 from ingest.rabbitmq._publishing import PublishBatch, batch_publisher
-from ingest.rabbitmq.options import Backoff, QueueDeclare, redact
+from ingest.rabbitmq.options import AfterConnect, Backoff, QueueDeclare
 
 logger = structlog.get_logger("ingest.rabbitmq")
 
@@ -60,7 +60,10 @@ class Publisher:
     confirmed by delivery tag, as acks are sent (see `_publishing`). The connection is
     opened on first use and again after a loss, with the backoff, for up to
     `connect_timeout` seconds per publish; the durable `declare_queues` are declared on
-    each connect, so publishing never depends on their consumer having started first::
+    each connect, so publishing never depends on their consumer having started first, and
+    `after_connect(channel)` runs after them (to declare an exchange, say). Unless
+    `stamp_publish_time=False`, a sample of the messages (the first of a publish, at most
+    every 10 ms) carries PUBLISHED_AT_HEADER, for publish-to-ack latency::
 
         async with Publisher("amqp://guest:guest@localhost/%2F") as publisher:
             await publisher.publish(OutgoingMessage(b"email,foo@email.com", "notifications_queue"))
@@ -76,9 +79,11 @@ class Publisher:
         publish_timeout: float = 30.0,
         declare_queues: Sequence[str] | Mapping[str, QueueDeclare] = (),
         stamp_publish_time: bool = True,
+        after_connect: AfterConnect | None = None,
     ) -> None:
         self.url = url
         self.stamp_publish_time = stamp_publish_time
+        self.after_connect = after_connect
         # A queue named alone is declared durable; with its QueueDeclare, as that says
         # (the arguments must be those its consumer declares: a quorum queue, say).
         self.declare_queues: dict[str, QueueDeclare] = (
@@ -169,6 +174,8 @@ class Publisher:
                             await channel.queue_declare(
                                 queue, durable=how.durable, arguments=dict(how.arguments)
                             )
+                        if self.after_connect is not None:
+                            await self.after_connect(channel)
                     except CONNECTION_ERRORS as exc:
                         delay = reconnect_delay(self.backoff, attempt)
                         logger.warning(

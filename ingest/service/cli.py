@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from ingest.exceptions import ConfigurationError, PipelineFailed, PublishError, StartupError
-from ingest.rabbitmq.options import redact
+from ingest.rabbitmq._connection import redact
 from ingest.rabbitmq.publisher import OutgoingMessage, Publisher
 from ingest.service import control, dlq
 from ingest.service.hosting import build, serve
@@ -178,12 +178,14 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
         bodies = [args.payload.encode()]
     url = settings.amqp_url.get_secret_value()
     config = settings.pipeline(args.pipeline)
+    queue, route = hosted.queue, hosted.route
     progress = ProgressBar(len(bodies))
     try:
         async with Publisher(
             url,
             connection_name="ingest-publish",
-            declare_queues={hosted.queue: config.queue_declare(hosted.queue)},
+            declare_queues={} if route else {queue: config.queue_declare(queue)},
+            after_connect=route.after_connect if route else None,
             connect_timeout=10,
         ) as publisher:
             window = 500
@@ -191,7 +193,9 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
                 chunk = bodies[start : start + window]
                 await publisher.publish_many(
                     [
-                        OutgoingMessage(body, hosted.queue, message_id=uuid.uuid4().hex)
+                        route.message(body)
+                        if route
+                        else OutgoingMessage(body, queue, message_id=uuid.uuid4().hex)
                         for body in chunk
                     ]
                 )
@@ -200,7 +204,9 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
         progress.done()
         raise StartupError(f"publishing to {redact(url)} failed: {error}") from error
     progress.done()
-    print(f"published {len(bodies)} message(s) to {hosted.queue}, all confirmed")
+    print(
+        f"published {len(bodies)} message(s) to {route.target if route else queue}, all confirmed"
+    )
     return 0
 
 

@@ -18,7 +18,9 @@ from ingest.exceptions import ConfigurationError, PipelineFailed, StartupError
 from ingest.pipeline import Pipeline
 from ingest.producers.csv_file import CsvFileProducer
 from ingest.rabbitmq.acknowledger import retry_queue_name
+from ingest.rabbitmq.options import AfterConnect
 from ingest.rabbitmq.producer import RabbitMQProducer
+from ingest.rabbitmq.publisher import OutgoingMessage
 from ingest.rabbitmq.stats import ProducerStats
 from ingest.service import dlq
 from ingest.service.activity import Activity, snapshot
@@ -43,7 +45,8 @@ class HostedPipeline:
     (file producers) stops the service once set. `samples(n)` makes n example payloads for
     `ingest publish --count`. `ready` says whether the producer consumes (a broker
     connection is up); `not_ready()` covers the pipeline's own state too. `uploads`, when
-    the pipeline takes uploaded files (`POST /uploads/<name>`), processes them.
+    the pipeline takes uploaded files (`POST /uploads/<name>`), processes them. `route`,
+    when set, is how `ingest publish` reaches it (else: its queue).
     """
 
     pipeline: Pipeline
@@ -55,6 +58,7 @@ class HostedPipeline:
     samples: Callable[[int], list[bytes]] | None = None
     finished: asyncio.Event | None = None
     uploads: FileProcessing | None = None
+    route: Route | None = None
 
     def not_ready(self) -> str | None:
         """Why the pipeline is not ready (for /readyz), or None while it is running and
@@ -79,6 +83,7 @@ class HostedPipeline:
         shutdown: Callable[[], Awaitable[None]] | None = None,
         samples: Callable[[int], list[bytes]] | None = None,
         uploads: FileProcessing | None = None,
+        route: Route | None = None,
     ) -> HostedPipeline:
         """Host `pipeline`, reading readiness, stats and the end of input off its
         producer: a RabbitMQ producer is ready while consuming, a file producer always,
@@ -95,7 +100,19 @@ class HostedPipeline:
             samples=samples,
             finished=producer.finished if isinstance(producer, CsvFileProducer) else None,
             uploads=uploads,
+            route=route,
         )
+
+
+@dataclass(frozen=True)
+class Route:
+    """How `ingest publish` reaches a pipeline that is not fed by its queue alone (a
+    partitioned one): the message for a payload, and what to declare before publishing
+    (`Publisher(after_connect=...)`). `target` names where it goes, for people."""
+
+    message: Callable[[bytes], OutgoingMessage]
+    after_connect: AfterConnect
+    target: str
 
 
 class PipelineFactory(Protocol):
@@ -250,16 +267,22 @@ async def serve(
 
 
 def _queues_of(item: HostedPipeline) -> list[str]:
-    """A RabbitMQ pipeline's work, retry and dead-letter queues (none for a file)."""
+    """A RabbitMQ pipeline's work, retry and dead-letter queues (of each partition, when
+    partitioned; none for a file)."""
     producer = item.pipeline.producer
     if not isinstance(producer, RabbitMQProducer):
         return []
-    options = producer.options
-    queues = [options.queue]
-    if options.retry is not None:
-        queues += [retry_queue_name(options.queue, d) for d in sorted(set(options.retry.delays))]
-    if options.dlq_name:
-        queues.append(options.dlq_name)
+    queues: list[str] = []
+    for index in range(producer.options.concurrency):
+        options = producer.options.for_producer(index)
+        if options.queue in queues:
+            continue  # consumers of the same queue
+        queues.append(options.queue)
+        if options.retry is not None:
+            delays = sorted(set(options.retry.delays))
+            queues += [retry_queue_name(options.queue, d) for d in delays]
+        if options.dlq_name:
+            queues.append(options.dlq_name)
     return queues
 
 

@@ -20,6 +20,7 @@ from pydantic_settings import (
 
 from ingest.options import Batcher, CircuitBreaker, Processors
 from ingest.rabbitmq.options import QueueDeclare, RetryPolicy
+from ingest.rabbitmq.partitions import Replica
 from ingest.rabbitmq.queues import quorum
 
 DEFAULT_CONFIG_FILE = Path("config/ingest.toml")
@@ -74,6 +75,10 @@ class PipelineSettings(BaseModel):
     circuit_breaker: CircuitBreakerSettings = Field(default_factory=CircuitBreakerSettings)
     # bookings only: events whose bookings are closed (fail with "bookings-closed").
     closed_events: list[str] = Field(default_factory=list)
+    # notifications only: consume P partition queues behind a consistent-hash exchange
+    # (0: one queue); a replica subscribes to those it does not own this much later.
+    partitions: int = Field(default=0, ge=0, le=1000)
+    standby_delay: PositiveFloat = 5.0
 
     def processor_options(self, default: Processors) -> Processors:
         """The pipeline's processors with these settings applied."""
@@ -144,6 +149,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     shutdown_timeout: PositiveFloat = 30.0
     max_body_bytes: PositiveInt = 64 * 1024
+    replica_index: int | None = Field(default=None, ge=0)
+    replicas: PositiveInt | None = None
     upload_dir: Path = Path("var/uploads")
     upload_max_bytes: PositiveInt = 50 * 1024 * 1024
     pipelines: dict[str, PipelineSettings] = Field(default_factory=dict)
@@ -165,6 +172,10 @@ class Settings(BaseSettings):
             except tomllib.TOMLDecodeError as error:
                 raise SettingsError(f"{config_file} is not valid TOML: {error}") from error
         return tuple(sources)
+
+    def replica(self) -> Replica:
+        """Which replica this process is, of how many (for partitioned pipelines)."""
+        return Replica.of(self.replica_index, self.replicas)
 
     def pipeline(self, name: str) -> PipelineSettings:
         return self.pipelines.get(name) or PipelineSettings()

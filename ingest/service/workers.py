@@ -18,8 +18,9 @@ logger = structlog.get_logger("ingest.service.workers")
 
 def supervise(workers: int, arguments: Sequence[str], http_port: int) -> int:
     """Start `workers` copies of `ingest run <arguments>` (worker i serves HTTP on
-    `http_port + i`), forward SIGTERM/SIGINT to them, and wait for all. If one exits on
-    its own, the others are stopped too. The exit code is the first non-zero one, else 0."""
+    `http_port + i` and is replica i of `workers`), forward SIGTERM/SIGINT to them, and
+    wait for all. If one exits on its own, the others are stopped too. The exit code is
+    the first non-zero one, else 0."""
     children: list[subprocess.Popen[bytes]] = []
     stopping = False
 
@@ -37,6 +38,8 @@ def supervise(workers: int, arguments: Sequence[str], http_port: int) -> int:
                 break
             env = dict(os.environ)
             env["INGEST_WORKER"] = str(index)
+            # The workers are the replicas that share a partitioned pipeline's partitions.
+            env["INGEST_REPLICA_INDEX"], env["INGEST_REPLICAS"] = str(index), str(workers)
             if http_port:
                 env["INGEST_HTTP_PORT"] = str(http_port + index)
             children.append(
