@@ -17,6 +17,7 @@ from tests.support import LOCAL_URL, POSTGRES_URL, Broker, port_open
 
 # pyproject's per-test timeout fits unit and integration tests; a reliability scenario
 # drives thousands of messages through restarts, more at a larger scale.
+CLUSTER_TIMEOUT_S = 300  # the first test starts the three nodes
 RELIABILITY_TIMEOUT_S = 600 * max(1.0, float(os.environ.get("INGEST_RELIABILITY_SCALE", "1")))
 
 
@@ -27,6 +28,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         elif "tests/reliability/" in str(item.path):
             item.add_marker(pytest.mark.reliability)
             item.add_marker(pytest.mark.timeout(RELIABILITY_TIMEOUT_S))
+        elif "tests/cluster/" in str(item.path):
+            item.add_marker(pytest.mark.cluster)
+            item.add_marker(pytest.mark.timeout(CLUSTER_TIMEOUT_S))
 
 
 @pytest.fixture(scope="session")

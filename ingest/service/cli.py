@@ -117,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.workers != 1:
                 return _run_workers(settings, args)
             return _run(settings, args.pipeline, args.file)
+        # The other commands consume nothing: which replica this is does not matter.
+        settings = settings.model_copy(update={"replica_index": None, "replicas": None})
         if args.command == "publish":
             return asyncio.run(_publish(settings, args))
         if args.command == "dlq":
