@@ -58,7 +58,11 @@ class Node:
         base = self.directory
         base.mkdir(parents=True, exist_ok=True)
         plugins = ["rabbitmq_consistent_hash_exchange"]
-        config = [f"listeners.tcp.local = 127.0.0.1:{self.port}", "loopback_users = none"]
+        config = [
+            f"listeners.tcp.local = 127.0.0.1:{self.port}",
+            "loopback_users = none",
+            "collect_statistics_interval = 500",  # consumers seen in the API sooner
+        ]
         if self.number == 1:
             plugins.append("rabbitmq_management")
             config.append(f"management.tcp.port = {self.management_port}")
