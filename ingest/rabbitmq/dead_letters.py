@@ -84,12 +84,23 @@ class Replayed:
 
 
 class DeadLetters:
+    """The dead letters of a work queue (`<queue>.dlq`), or of several (a partitioned
+    pipeline's partitions, each with its own): counted, shown, replayed into the queue
+    each came from, or purged."""
+
     def __init__(
-        self, url: str, queue: str, dead_letter_queue: str | None = None, name: str = "ingest-dlq"
+        self,
+        url: str,
+        queue: str | Sequence[str],
+        dead_letter_queue: str | None = None,
+        name: str = "ingest-dlq",
     ) -> None:
+        queues = [queue] if isinstance(queue, str) else list(queue)
         self.url = url
-        self.queue = queue
-        self.dead_letter_queue = dead_letter_queue or f"{queue}.dlq"
+        self.queue = ", ".join(queues)
+        # (work queue, its dead-letter queue)
+        self.pairs = [(q, dead_letter_queue or f"{q}.dlq") for q in queues]
+        self.dead_letter_queue = ", ".join(dlq for _, dlq in self.pairs)
         self.name = name
         self._connection: aiormq.abc.AbstractConnection | None = None
 
@@ -103,22 +114,27 @@ class DeadLetters:
             self._connection = None
 
     async def count(self) -> int:
+        total = 0
         async with self._channel() as channel:
-            declared = await channel.queue_declare(self.dead_letter_queue, passive=True)
-            return int(declared.message_count or 0)
+            for _, dead_letter_queue in self.pairs:
+                declared = await channel.queue_declare(dead_letter_queue, passive=True)
+                total += int(declared.message_count or 0)
+        return total
 
     async def show(self, limit: int = 20, reason: str | None = None) -> list[DeadLetter]:
-        """Up to `limit` dead letters (whose reason contains `reason`), oldest first; all
-        of them stay in the queue."""
+        """Up to `limit` dead letters (whose reason contains `reason`), oldest first per
+        dead-letter queue; all of them stay in their queue."""
         letters: list[DeadLetter] = []
-        async with self._channel() as channel:
-            async for message in _taken(channel, self.dead_letter_queue):
-                letter = DeadLetter.of(message)
-                if letter.matches(reason):
-                    letters.append(letter)
-                    if len(letters) >= limit:
-                        break
-        return letters  # the channel closed: everything taken went back, in order
+        for _, dead_letter_queue in self.pairs:
+            async with self._channel() as channel:
+                async for message in _taken(channel, dead_letter_queue):
+                    letter = DeadLetter.of(message)
+                    if letter.matches(reason):
+                        letters.append(letter)
+                        if len(letters) >= limit:
+                            return letters
+            # the channel closed: everything taken went back, in order
+        return letters
 
     async def replay(
         self,
@@ -126,32 +142,54 @@ class DeadLetters:
         reason: str | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> Replayed:
-        """Move dead letters (whose reason contains `reason`; at most `limit`) back to the
-        work queue; each is removed from the dead-letter queue once its copy is confirmed."""
+        """Move dead letters (whose reason contains `reason`; at most `limit`) back to
+        their work queue; each is removed from the dead-letter queue once its copy is
+        confirmed."""
+        replayed = skipped = 0
+        for queue, dead_letter_queue in self.pairs:
+            left = None if limit is None else limit - replayed
+            if left == 0:
+                break
+            done = await self._replay(queue, dead_letter_queue, left, reason, progress)
+            replayed, skipped = replayed + done.replayed, skipped + done.skipped
+        return Replayed(replayed, skipped)
+
+    async def _replay(
+        self,
+        queue: str,
+        dead_letter_queue: str,
+        limit: int | None,
+        reason: str | None,
+        progress: Callable[[int], None] | None,
+    ) -> Replayed:
         replayed = skipped = 0
         async with self._channel() as taking, self._channel(confirms=True) as publishing:
             window: list[DeliveredMessage] = []
-            async for message in _taken(taking, self.dead_letter_queue):
+            async for message in _taken(taking, dead_letter_queue):
                 if not DeadLetter.of(message).matches(reason):
                     skipped += 1  # held unacknowledged until the end, then handed back
                     continue
                 window.append(message)
                 if len(window) >= REPLAY_WINDOW or replayed + len(window) == limit:
-                    replayed += await self._move(window, taking, publishing, progress)
+                    replayed += await self._move(queue, window, taking, publishing, progress)
                     window = []
                 if limit is not None and replayed >= limit:
                     break
-            replayed += await self._move(window, taking, publishing, progress)
+            replayed += await self._move(queue, window, taking, publishing, progress)
         return Replayed(replayed, skipped)
 
     async def purge(self) -> int:
         """Delete every dead letter; how many there were."""
+        purged = 0
         async with self._channel() as channel:
-            purged = await channel.queue_purge(self.dead_letter_queue)
-            return int(purged.message_count or 0)
+            for _, dead_letter_queue in self.pairs:
+                answer = await channel.queue_purge(dead_letter_queue)
+                purged += int(answer.message_count or 0)
+        return purged
 
     async def _move(
         self,
+        queue: str,
         window: Sequence[DeliveredMessage],
         taking: aiormq.abc.AbstractChannel,
         publishing: aiormq.abc.AbstractChannel,
@@ -163,7 +201,7 @@ class DeadLetters:
             *(
                 publishing.basic_publish(
                     message.body,
-                    routing_key=self.queue,
+                    routing_key=queue,
                     properties=_replay_properties(message),
                     mandatory=True,
                 )

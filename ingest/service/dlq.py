@@ -3,6 +3,7 @@ line (and the rows the HTTP endpoints answer with)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ingest.exceptions import ConfigurationError
@@ -13,10 +14,11 @@ from ingest.service.settings import Settings
 PREVIEW = 40
 
 
-def dead_letters(settings: Settings, name: str, queue: str | None) -> DeadLetters:
-    if queue is None:
+def dead_letters(settings: Settings, name: str, queues: Sequence[str]) -> DeadLetters:
+    """The dead letters of `queues` (a pipeline's queue, or its partitions)."""
+    if not queues:
         raise ConfigurationError(f"pipeline {name} has no queue, so no dead letters")
-    return DeadLetters(settings.amqp_url.get_secret_value(), queue, name="ingest-dlq")
+    return DeadLetters(settings.amqp_url.get_secret_value(), queues, name="ingest-dlq")
 
 
 def row(letter: DeadLetter) -> dict[str, Any]:

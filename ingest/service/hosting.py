@@ -6,7 +6,7 @@ import asyncio
 import functools
 import signal
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
@@ -200,9 +200,9 @@ async def serve(
         {name: item.pipeline for name, item in hosted.items()},
         settings.admin_token.get_secret_value() if settings.admin_token else None,
         {
-            name: functools.partial(dlq.dead_letters, settings, name, item.queue)
+            name: functools.partial(dlq.dead_letters, settings, name, work_queues(item))
             for name, item in hosted.items()
-            if item.queue is not None and item.stats is not None  # consumed from RabbitMQ
+            if work_queues(item)  # consumed from RabbitMQ
         },
         lambda: {
             **snapshot(activities, not_ready, prefetch, depths.ready),
@@ -266,21 +266,28 @@ async def serve(
         raise PipelineFailed("; ".join(str(pipeline.failure) for pipeline in failed))
 
 
+def work_queues(item: HostedPipeline) -> list[str]:
+    """The queues a RabbitMQ pipeline consumes: its queue, or each of its partitions (none
+    for a file)."""
+    producer = item.pipeline.producer
+    if not isinstance(producer, RabbitMQProducer):
+        return []
+    options = producer.options
+    return list(dict.fromkeys(options.for_producer(i).queue for i in range(options.concurrency)))
+
+
 def _queues_of(item: HostedPipeline) -> list[str]:
-    """A RabbitMQ pipeline's work, retry and dead-letter queues (of each partition, when
-    partitioned; none for a file)."""
+    """A RabbitMQ pipeline's work, retry and dead-letter queues."""
     producer = item.pipeline.producer
     if not isinstance(producer, RabbitMQProducer):
         return []
     queues: list[str] = []
-    for index in range(producer.options.concurrency):
-        options = producer.options.for_producer(index)
-        if options.queue in queues:
-            continue  # consumers of the same queue
-        queues.append(options.queue)
+    for queue in work_queues(item):
+        queues.append(queue)
+        options = replace(producer.options, queue=queue)
         if options.retry is not None:
             delays = sorted(set(options.retry.delays))
-            queues += [retry_queue_name(options.queue, d) for d in delays]
+            queues += [retry_queue_name(queue, d) for d in delays]
         if options.dlq_name:
             queues.append(options.dlq_name)
     return queues

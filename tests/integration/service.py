@@ -117,15 +117,18 @@ def local_service(
     broker: Broker, queue_name: str, directory: Any, **settings: Any
 ) -> AbstractAsyncContextManager[RunningService]:
     """The tickets service on SQLite and an .eml outbox in `directory`, its two queues
-    named after `queue_name`, with `settings` on top."""
+    named after `queue_name`, with `settings` on top (`pipelines`: each pipeline's on top
+    of its queue)."""
+    given = settings.pop("pipelines", {})
+    pipelines = {
+        name: {"queue": f"{queue_name}-{name}", **given.get(name, {})}
+        for name in ("bookings", "notifications")
+    }
     return running_service(
         amqp_url=broker.amqp_url,
         database_url=f"sqlite+aiosqlite:///{directory}/tickets.db",
         mail_outbox=Path(directory) / "outbox",
-        pipelines={
-            "bookings": {"queue": f"{queue_name}-bookings"},
-            "notifications": {"queue": f"{queue_name}-notifications"},
-        },
+        pipelines=pipelines,
         **settings,
     )
 
