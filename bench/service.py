@@ -425,7 +425,8 @@ def serve_smtp(record: str) -> None:
             async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
                 message = email.message_from_bytes(envelope.content, policy=email.policy.default)
                 refs = REF.findall(message.get_body().get_content())  # type: ignore[union-attr]
-                file.write(json.dumps({"to": envelope.rcpt_tos, "refs": refs}) + "\n")
+                record = {"to": envelope.rcpt_tos, "refs": refs, "at": time.time()}
+                file.write(json.dumps(record) + "\n")
                 file.flush()
                 return "250 OK"
 
