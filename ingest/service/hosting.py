@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -30,6 +30,9 @@ from ingest.service.queue_depth import QueueDepths
 from ingest.service.settings import Settings
 from ingest.service.spool import Spool
 from ingest.service.uploads import FileProcessing, Uploads
+
+if TYPE_CHECKING:
+    from ingest.service.http import HttpServer
 
 logger = structlog.get_logger("ingest.service")
 
@@ -163,14 +166,7 @@ async def serve(
     drain. `started` is set once the HTTP server listens and the pipelines run. A pipeline
     that crashes is restarted by its supervisor; one that fails past its restart limit
     stops the others (drained) and raises PipelineFailed."""
-    for name, item in hosted.items():
-        if item.startup is not None:
-            try:
-                await item.startup()
-            except StartupError:
-                raise
-            except Exception as exc:
-                raise StartupError(f"pipeline {name} cannot start: {exc}") from exc
+    await _start_up(hosted)
     metrics = Metrics()
     for item in hosted.values():
         metrics.watch(item.pipeline, item.ready, item.stats)
@@ -181,35 +177,11 @@ async def serve(
         settings.queue_depth_interval,
     )
     metrics.registry.register(depths)
-    activities = {name: Activity(item.pipeline) for name, item in hosted.items()}
-    prefetch = {name: _prefetch_of(item) for name, item in hosted.items()}
-    not_ready = {name: item.not_ready for name, item in hosted.items()}
-    # Imported here: aiohttp's server costs ~9 MB of RSS, which the commands that only
-    # build pipelines (publish, topology, dlq) and the benchmarks do not need.
-    from ingest.service.http import HttpServer
-
     uploads = Uploads(
         Spool(settings.upload_dir, settings.upload_max_bytes),
         {name: item.uploads for name, item in hosted.items() if item.uploads is not None},
     )
-    http = HttpServer(
-        settings.http_host,
-        settings.http_port,
-        metrics.registry,
-        not_ready,
-        {name: item.pipeline for name, item in hosted.items()},
-        settings.admin_token.get_secret_value() if settings.admin_token else None,
-        {
-            name: functools.partial(dlq.dead_letters, settings, name, work_queues(item))
-            for name, item in hosted.items()
-            if work_queues(item)  # consumed from RabbitMQ
-        },
-        lambda: {
-            **snapshot(activities, not_ready, prefetch, depths.ready),
-            "uploads": uploads.view(),
-        },
-        uploads,
-    )
+    http = _http_server(settings, hosted, metrics, depths, uploads)
     try:
         await http.start()
     except OSError as exc:
@@ -245,25 +217,90 @@ async def serve(
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-        if uploading is not None:  # first: its pipeline shares the hosted ones' resources
-            await uploads.stop()
-            try:
-                await uploading
-            finally:
-                uploads.spool.release()
-        await asyncio.gather(*(item.pipeline.stop() for item in hosted.values()))
-        for name, item in hosted.items():
-            if item.shutdown is not None:
-                await close_within(
-                    item.shutdown(), logger.bind(pipeline=name), "pipeline shutdown hook"
-                )
-        if reading is not None:
-            reading.cancel()
-            await asyncio.gather(reading, return_exceptions=True)
-        await http.stop()
+        await _shut_down(hosted, uploads, uploading, reading, http)
     if failed:
         # The others were drained; a process manager (compose, Kubernetes) restarts us.
         raise PipelineFailed("; ".join(str(pipeline.failure) for pipeline in failed))
+
+
+async def _start_up(hosted: Mapping[str, HostedPipeline]) -> None:
+    """Each pipeline's start-up hook: StartupError, naming the pipeline, if one fails."""
+    for name, item in hosted.items():
+        if item.startup is not None:
+            try:
+                await item.startup()
+            except StartupError:
+                raise
+            except Exception as exc:
+                raise StartupError(f"pipeline {name} cannot start: {exc}") from exc
+
+
+def _http_server(
+    settings: Settings,
+    hosted: Mapping[str, HostedPipeline],
+    metrics: Metrics,
+    depths: QueueDepths,
+    uploads: Uploads,
+) -> HttpServer:
+    # Imported here: aiohttp's server costs ~9 MB of RSS, which the commands that only
+    # build pipelines (publish, topology, dlq) and the benchmarks do not need.
+    from ingest.service.http import HttpServer
+
+    activities = {name: Activity(item.pipeline) for name, item in hosted.items()}
+    prefetch = {name: _prefetch_of(item) for name, item in hosted.items()}
+    not_ready = {name: item.not_ready for name, item in hosted.items()}
+    return HttpServer(
+        settings.http_host,
+        settings.http_port,
+        metrics.registry,
+        not_ready,
+        {name: item.pipeline for name, item in hosted.items()},
+        settings.admin_token.get_secret_value() if settings.admin_token else None,
+        {
+            name: functools.partial(dlq.dead_letters, settings, name, work_queues(item))
+            for name, item in hosted.items()
+            if work_queues(item)  # consumed from RabbitMQ
+        },
+        lambda: {
+            **snapshot(activities, not_ready, prefetch, depths.ready),
+            "uploads": uploads.view(),
+        },
+        uploads,
+    )
+
+
+async def _shut_down(
+    hosted: Mapping[str, HostedPipeline],
+    uploads: Uploads,
+    uploading: asyncio.Task[None] | None,
+    reading: asyncio.Task[None] | None,
+    http: HttpServer,
+) -> None:
+    """In order: the upload at work (its pipeline shares the hosted ones' resources), the
+    pipelines (drained), their shutdown hooks, the queue depths, the HTTP server. A bug
+    that ended the uploads is raised once all that is done."""
+    crashed: BaseException | None = None
+    if uploading is not None:
+        await uploads.stop()
+        try:
+            await uploading
+        except Exception as error:
+            logger.exception("uploads failed")
+            crashed = error
+        finally:
+            uploads.spool.release()
+    await asyncio.gather(*(item.pipeline.stop() for item in hosted.values()))
+    for name, item in hosted.items():
+        if item.shutdown is not None:
+            await close_within(
+                item.shutdown(), logger.bind(pipeline=name), "pipeline shutdown hook"
+            )
+    if reading is not None:
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+    await http.stop()
+    if crashed is not None:
+        raise crashed
 
 
 def work_queues(item: HostedPipeline) -> list[str]:
