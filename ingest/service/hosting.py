@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from ingest._terminator import close_within
+from ingest._terminator import CLOSE_TIMEOUT_S, close_within
 from ingest.exceptions import ConfigurationError, PipelineFailed, StartupError
 from ingest.pipeline import Pipeline
 from ingest.producers.csv_file import CsvFileProducer
@@ -296,8 +296,12 @@ async def _shut_down(
                 item.shutdown(), logger.bind(pipeline=name), "pipeline shutdown hook"
             )
     if reading is not None:
-        reading.cancel()
-        await asyncio.gather(reading, return_exceptions=True)
+        reading.cancel()  # a connection it was opening or closing may not answer: bounded
+        _, stuck = await asyncio.wait({reading}, timeout=CLOSE_TIMEOUT_S)
+        if stuck:
+            logger.warning("the queue depth reader did not stop", timeout=CLOSE_TIMEOUT_S)
+        elif not reading.cancelled() and reading.exception() is not None:
+            logger.error("the queue depth reader failed", error=repr(reading.exception()))
     await http.stop()
     if crashed is not None:
         raise crashed

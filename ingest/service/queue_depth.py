@@ -18,6 +18,7 @@ import structlog
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ingest._terminator import CLOSE_TIMEOUT_S
 from ingest.rabbitmq._connection import CONNECTION_ERRORS, open_connection
 
 logger = structlog.get_logger("ingest.service.queue_depth")
@@ -86,5 +87,7 @@ class QueueDepths(Collector):
     async def _close(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None and not connection.is_closed:
+            # Bounded: closing waits for the broker's close-ok, which may never come.
             with contextlib.suppress(*CONNECTION_ERRORS):
-                await connection.close()
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await connection.close()
