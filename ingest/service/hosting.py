@@ -217,7 +217,7 @@ async def serve(
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-        await _shut_down(hosted, uploads, uploading, reading, http)
+        await _shut_down(hosted, uploads, uploading, depths, reading, http)
     if failed:
         # The others were drained; a process manager (compose, Kubernetes) restarts us.
         raise PipelineFailed("; ".join(str(pipeline.failure) for pipeline in failed))
@@ -273,6 +273,7 @@ async def _shut_down(
     hosted: Mapping[str, HostedPipeline],
     uploads: Uploads,
     uploading: asyncio.Task[None] | None,
+    depths: QueueDepths,
     reading: asyncio.Task[None] | None,
     http: HttpServer,
 ) -> None:
@@ -296,11 +297,15 @@ async def _shut_down(
                 item.shutdown(), logger.bind(pipeline=name), "pipeline shutdown hook"
             )
     if reading is not None:
-        reading.cancel()  # a connection it was opening or closing may not answer: bounded
+        depths.stop()  # a reading under way ends first; a broker that does not answer: bounded
         _, stuck = await asyncio.wait({reading}, timeout=CLOSE_TIMEOUT_S)
         if stuck:
-            logger.warning("the queue depth reader did not stop", timeout=CLOSE_TIMEOUT_S)
-        elif not reading.cancelled() and reading.exception() is not None:
+            logger.warning(
+                "the queue depth reader did not stop; cancelled", timeout=CLOSE_TIMEOUT_S
+            )
+            reading.cancel()
+            await asyncio.wait({reading}, timeout=CLOSE_TIMEOUT_S)
+        elif reading.exception() is not None:
             logger.error("the queue depth reader failed", error=repr(reading.exception()))
     await http.stop()
     if crashed is not None:

@@ -34,6 +34,7 @@ class QueueDepths(Collector):
         self.interval = interval
         self.ready: dict[tuple[str, str], int] = {}
         self._connection: aiormq.abc.AbstractConnection | None = None
+        self._stopping = asyncio.Event()
 
     def collect(self) -> Iterator[Metric]:
         family = GaugeMetricFamily(
@@ -47,13 +48,20 @@ class QueueDepths(Collector):
         yield family
 
     async def run(self) -> None:
-        """Read, then wait `interval`, until cancelled (by the service, at shutdown)."""
+        """Read, then wait `interval`, until `stop()` (the service, at shutdown). A reading
+        under way finishes first: cancelling aiormq half-way through opening a connection
+        can leave its socket open."""
         try:
-            while True:
+            while not self._stopping.is_set():
                 await self.read()
-                await asyncio.sleep(self.interval)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.interval):
+                        await self._stopping.wait()
         finally:
             await self._close()
+
+    def stop(self) -> None:
+        self._stopping.set()
 
     async def read(self) -> None:
         try:
