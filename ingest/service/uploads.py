@@ -86,9 +86,16 @@ class Uploads:
         upload.attempts += 1
         self.spool.save(upload)
         log.info("upload processing", rows=upload.rows, attempt=upload.attempts)
-        self._current = (upload, producer)
         try:
             await pipeline.start()
+        except Exception as error:  # its file is gone or unreadable: reported, not retried
+            upload.state, upload.finished = "reporting", time.time()
+            upload.error = f"cannot read the file: {error}"
+            log.error("upload failed", error=upload.error)
+            self.spool.save(upload)
+            return
+        self._current = (upload, producer)
+        try:
             waiters = [
                 asyncio.ensure_future(producer.finished.wait()),
                 asyncio.ensure_future(pipeline.wait()),  # ends early only when it failed

@@ -264,3 +264,20 @@ async def test_a_second_process_sharing_the_upload_directory_refuses_uploads(
     assert "another ingest process" in answer["error"]
     code, answer = await upload(service, bookings_csv(5))
     assert code == 202
+
+
+async def test_an_upload_whose_file_is_gone_is_reported_as_failed(
+    broker: Broker, queue_name: str, tmp_path: Path
+) -> None:
+    spool = tmp_path / "uploads"
+    settings: dict[str, Any] = {"admin_token": TOKEN, "upload_dir": spool}
+    async with local_service(broker, queue_name, tmp_path, **settings) as first:
+        upload_id = (await upload(first, bookings_csv(20_000)))[1]["id"]
+    # Stopped at once, the upload is left to resume; someone tidies the directory up.
+    (spool / f"{upload_id}.csv").unlink()
+    async with local_service(broker, queue_name, tmp_path, **settings) as second:
+        result = await finished(second, upload_id)
+    assert result["state"] == "failed"
+    assert "cannot read the file" in result["error"]
+    (report,) = reports(tmp_path / "outbox")
+    assert "stopped" in str(report["Subject"])
