@@ -8,7 +8,9 @@ import contextlib
 import json
 import os
 import pwd
+import re
 import shutil
+import signal
 import subprocess
 import time
 import urllib.request
@@ -98,13 +100,33 @@ class Node:
             return False
         return True
 
+    def kill_leftover(self) -> None:
+        """A node of an interrupted run, up or half-booted: whatever listens on this node's
+        distribution port is stopped (rabbitmqctl), else killed."""
+        if self.running():
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                self.ctl("stop", timeout=60)
+        listening = subprocess.run(
+            ["ss", "-Hltnp", f"sport = :{20000 + self.port}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        for pid in re.findall(r"pid=(\d+)", listening):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        time.sleep(1 if listening else 0)
+
     def await_startup(self, timeout: float = 120) -> None:
         """Until the node runs: `await_startup` fails at once while the node has not
         registered with epmd yet, so it is asked again."""
         deadline = time.monotonic() + timeout
         while not self.running():
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} did not start within {timeout}s")
+                log = "".join(
+                    path.read_text()[-2000:] for path in (self.directory / "log").glob("*.log")
+                )
+                raise RuntimeError(f"{self.name} did not start within {timeout}s: {log}")
             time.sleep(0.5)
 
 
@@ -121,8 +143,7 @@ class Cluster:
 
     def start(self) -> None:
         for node in self.nodes:
-            if node.running():  # left over from an interrupted run
-                node.ctl("stop")
+            node.kill_leftover()
             shutil.rmtree(node.directory, ignore_errors=True)
             node.write_config()
         _hand_to_rabbitmq(self.directory)
@@ -147,8 +168,7 @@ class Cluster:
 
     def stop(self) -> None:
         for node in self.nodes:
-            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-                node.ctl("stop", timeout=60)
+            node.kill_leftover()
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def api(self, path: str) -> Any:
