@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -14,6 +15,7 @@ import aiormq
 import structlog
 from pamqp import commands as spec
 
+from ingest._terminator import CLOSE_TIMEOUT_S
 from ingest.exceptions import PublishError
 from ingest.rabbitmq._backoff import reconnect_delay
 from ingest.rabbitmq._connection import CONNECTION_ERRORS, open_connection, redact
@@ -158,6 +160,26 @@ class Publisher:
             chosen = self._publishing = (channel, batch_publisher(channel))
         return chosen[1]
 
+    async def _open(self) -> tuple[aiormq.abc.AbstractConnection, aiormq.abc.AbstractChannel]:
+        """A connection and its confirming channel, with what it declares; a connection
+        whose declarations fail (a queue declared with other arguments) is closed, not left
+        open behind the next attempt."""
+        connection = await open_connection(self.url, name=self.connection_name)
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            for queue, how in self.declare_queues.items():
+                await channel.queue_declare(
+                    queue, durable=how.durable, arguments=dict(how.arguments)
+                )
+            if self.after_connect is not None:
+                await self.after_connect(channel)
+        except BaseException:
+            with contextlib.suppress(*CONNECTION_ERRORS, TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await connection.close()
+            raise
+        return connection, channel
+
     async def _reconnect(self) -> aiormq.abc.AbstractChannel:
         await self.close()
         attempt = 0
@@ -166,16 +188,7 @@ class Publisher:
                 while True:
                     attempt += 1
                     try:
-                        connection = await open_connection(self.url, name=self.connection_name)
-                        channel = await connection.channel(
-                            publisher_confirms=True, on_return_raises=True
-                        )
-                        for queue, how in self.declare_queues.items():
-                            await channel.queue_declare(
-                                queue, durable=how.durable, arguments=dict(how.arguments)
-                            )
-                        if self.after_connect is not None:
-                            await self.after_connect(channel)
+                        connection, channel = await self._open()
                     except CONNECTION_ERRORS as exc:
                         delay = reconnect_delay(self.backoff, attempt)
                         logger.warning(

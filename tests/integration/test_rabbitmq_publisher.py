@@ -18,6 +18,7 @@ from ingest.rabbitmq import (
 )
 from ingest.rabbitmq import _fastpath as fastpath
 from ingest.rabbitmq.options import Backoff
+from ingest.rabbitmq.queues import quorum
 
 from .conftest import Broker, drain_queue, queue_depth
 
@@ -69,6 +70,30 @@ async def test_an_unreachable_broker_fails_within_the_connect_timeout() -> None:
     )
     with pytest.raises(PublishError, match=r"cannot connect to amqp://guest:\*\*\*@127\.0\.0\.1:1"):
         await publisher.publish(OutgoingMessage(b"x", "anywhere"))
+
+
+async def test_a_connection_whose_declarations_fail_is_closed_before_the_next_attempt(
+    broker: Broker, amqp: aiormq.abc.AbstractChannel, queue_name: str
+) -> None:
+    await amqp.queue_declare(queue_name, durable=True)  # classic
+    name = f"{queue_name}-publisher"
+    publisher = Publisher(
+        broker.amqp_url,
+        connection_name=name,
+        declare_queues={queue_name: quorum(None, None)},  # refused: another type
+        backoff=Backoff("exp", min=0.1, max=0.2),
+        connect_timeout=2,
+    )
+    with pytest.raises(PublishError, match="within 2"):
+        await publisher.publish(OutgoingMessage(b"x", queue_name))
+    await publisher.close()
+
+    async def open_ones() -> int:
+        connections = await broker.api_async("GET", "connections?columns=client_properties")
+        return sum(1 for c in connections if c["client_properties"].get("connection_name") == name)
+
+    await asyncio.sleep(1.0)  # what a closed connection takes to leave the list
+    assert await open_ones() == 0
 
 
 # Batches: their frames in one write, confirmed by delivery tag (the fast path), or one
