@@ -10,6 +10,7 @@ import aiormq
 import structlog
 from aiormq.abc import ConsumerCallback, DeliveredMessage
 
+from ingest._waiting import first_of
 from ingest.exceptions import BufferClosed
 from ingest.message import Message
 from ingest.producer import Sink
@@ -225,16 +226,12 @@ class Consumer:
     async def _wait_for_loss(self) -> None:
         assert self._channel is not None
         assert self._connection is not None
-        waiters = [
-            asyncio.ensure_future(self._channel.closing),
-            asyncio.ensure_future(self._connection.closing),
-            asyncio.ensure_future(self._cancelled_by_broker.wait()),
-        ]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+        # `closing` is an observer of its own (aiormq): cancelling it closes nothing.
+        await first_of(
+            self._channel.closing,
+            self._connection.closing,
+            self._cancelled_by_broker.wait(),
+        )
         if self._draining:
             return
         reason = (

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from ingest._terminator import CLOSE_TIMEOUT_S, close_within
+from ingest._waiting import first_of
 from ingest.exceptions import ConfigurationError, PipelineFailed, StartupError
 from ingest.pipeline import Pipeline
 from ingest.producers.csv_file import CsvFileProducer
@@ -198,20 +199,18 @@ async def serve(
     try:
         for item in hosted.values():
             await item.pipeline.start()
-        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
+        waiters: list[Awaitable[Any]] = [stop.wait()]
         files = [item.finished for item in hosted.values() if item.finished is not None]
         if files:
             waiters.append(asyncio.gather(*(f.wait() for f in files)))
         # A pipeline's supervision ends before the stop only when it failed for good.
-        waiters.extend(asyncio.ensure_future(item.pipeline.wait()) for item in hosted.values())
+        waiters.extend(item.pipeline.wait() for item in hosted.values())
         if uploading is not None:  # ends early only on a bug, which then stops the service
-            waiters.append(asyncio.ensure_future(asyncio.shield(uploading)))
+            waiters.append(asyncio.shield(uploading))
         logger.info("running", pipelines=list(hosted))
         if started is not None:
             started.set()
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        for waiter in waiters:
-            waiter.cancel()
+        await first_of(*waiters)
         failed = [item.pipeline for item in hosted.values() if item.pipeline.state == "failed"]
         logger.info("stopping", signal=stop.is_set(), failed=[p.name for p in failed])
     finally:

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from ingest._waiting import first_of
 from ingest.pipeline import Pipeline
 from ingest.producers.csv_file import CsvFileProducer
 from ingest.service.logging import FAILURE_EVENTS, log_failures
@@ -96,16 +97,11 @@ class Uploads:
             return
         self._current = (upload, producer)
         try:
-            waiters = [
-                asyncio.ensure_future(producer.finished.wait()),
-                asyncio.ensure_future(pipeline.wait()),  # ends early only when it failed
-                asyncio.ensure_future(self._stopping.wait()),
-            ]
-            try:
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
+            await first_of(
+                producer.finished.wait(),
+                pipeline.wait(),  # ends early only when it failed
+                self._stopping.wait(),
+            )
             await pipeline.stop()
         finally:
             self._current = None

@@ -60,15 +60,9 @@ async def test_show_replay_and_purge_from_the_command_line(
 ) -> None:
     queue = f"{queue_name}-bookings"
     dlq = f"{queue}.dlq"
-    for n in range(3):
-        publish_from_ui(broker, queue, "not a booking", f"bad-{n}")
-    for n in range(2):
-        publish_from_ui(broker, queue, "cinema,999", f"stranger-{n}")
-
-    async def dead(count: int) -> bool:
-        return await queue_depth(amqp, dlq) == count
-
-    await eventually(lambda: dead(5), timeout=15)
+    await dead_lettered(
+        broker, amqp, queue, {"bad": "not a booking", "stranger": "cinema,999"}, 3, 2
+    )
 
     code, out = await ingest(broker, queue_name, "dlq", "show", "bookings", "--reason", "unknown")
     assert code == 0, out
@@ -140,9 +134,7 @@ async def test_the_http_endpoints_show_replay_and_purge(
     amqp: aiormq.abc.AbstractChannel,
 ) -> None:
     queue = f"{queue_name}-bookings"
-    for n in range(4):
-        publish_from_ui(broker, queue, "not a booking", f"bad-{n}")
-    await eventually(lambda: _depth_is(amqp, f"{queue}.dlq", 4), timeout=15)
+    await dead_lettered(broker, amqp, queue, {"bad": "not a booking"}, 4)
 
     async def exported(name: str, count: float) -> bool:
         """The queue's series is there, with this count."""
@@ -169,6 +161,22 @@ async def test_the_http_endpoints_show_replay_and_purge(
     await eventually(lambda: _depth_is(amqp, f"{queue}.dlq", 4), timeout=15)
     status, body = await asyncio.to_thread(call, f"{base}/purge", TOKEN)
     assert (status, body) == (200, {"purged": 4})
+
+
+async def dead_lettered(
+    broker: Broker,
+    amqp: aiormq.abc.AbstractChannel,
+    queue: str,
+    payloads: dict[str, str],
+    *counts: int,
+) -> None:
+    """Publish, as a person does in the management UI, `counts[i]` messages of each
+    payload (message ids `<name>-<n>`) that the service dead-letters, and wait until they
+    are all in `<queue>.dlq`."""
+    for (name, payload), count in zip(payloads.items(), counts, strict=True):
+        for n in range(count):
+            publish_from_ui(broker, queue, payload, f"{name}-{n}")
+    await eventually(lambda: _depth_is(amqp, f"{queue}.dlq", sum(counts)), timeout=15)
 
 
 async def _depth_is(channel: aiormq.abc.AbstractChannel, queue: str, count: int) -> bool:
