@@ -24,15 +24,25 @@ async def run_batch_processor(rt: Runtime, name: str, inbox: Buffer[Batch]) -> N
 async def process_batch(rt: Runtime, name: str, batch: Batch) -> None:
     messages = batch.messages
     info = BatchInfo(batch.batcher, batch.batch_key, batch.partition, len(messages), batch.trigger)
-    events = rt.events
     started = time.perf_counter()
+    successful, failed = await call_handle_batch(rt, name, messages, info)
+    await rt.settle(name, "batch_processor", successful, failed)
+    emit_batch_stop(rt, name, messages, info, started, successful, failed)
+
+
+async def call_handle_batch(
+    rt: Runtime, name: str, messages: list[Message], info: BatchInfo
+) -> tuple[list[Message], list[Message]]:
+    """`handle_batch` on a batch, with its `batch.start` (and `batch.exception`) events;
+    the batch's successful and failed messages (all failed if it raised)."""
+    events = rt.events
     if events:
         events.emit(
             Event("batch.start", rt.pipeline, name, "batch_processor", messages, batch_info=info)
         )
     try:
         # A copy: a hook that filters the list in place cannot make messages vanish.
-        returned = await rt.handlers.handle_batch(batch.batcher, list(messages), info, rt.context)
+        returned = await rt.handlers.handle_batch(info.batcher, list(messages), info, rt.context)
         if not isinstance(returned, list):
             raise TypeError(
                 f"handle_batch must return a list, returned {describe_return(returned)}"
@@ -41,8 +51,6 @@ async def process_batch(rt: Runtime, name: str, batch: Batch) -> None:
         reraise_own_cancellation(exc)
         for message in messages:
             fail_with_exception(message, exc, "handle_batch")
-        successful: list[Message] = []
-        failed = messages
         if events:
             events.emit(
                 Event(
@@ -55,11 +63,21 @@ async def process_batch(rt: Runtime, name: str, batch: Batch) -> None:
                     exception=exc,
                 )
             )
-    else:
-        successful, failed = _split(returned, messages)
-    await rt.settle(name, "batch_processor", successful, failed)
-    if events:
-        events.emit(
+        return [], messages
+    return _split(returned, messages)
+
+
+def emit_batch_stop(
+    rt: Runtime,
+    name: str,
+    messages: list[Message],
+    info: BatchInfo,
+    started: float,
+    successful: list[Message],
+    failed: list[Message],
+) -> None:
+    if rt.events:
+        rt.events.emit(
             Event(
                 "batch.stop",
                 rt.pipeline,

@@ -63,7 +63,7 @@ class Runtime:
         """Run `handle_failed` on the failed messages, then acknowledge everything, one call
         per acknowledger."""
         if failed:
-            await self._handle_failed(stage, stage_kind, failed)
+            await self.handle_failed(stage, stage_kind, failed)
         if self.circuit is not None:
             await self._count(self.circuit, successful, failed)
         for acknowledger, ok, bad in group_by_acknowledger(successful, failed):
@@ -111,9 +111,7 @@ class Runtime:
                 with contextlib.suppress(ValueError):
                     message.configure_ack(on_failure="reject_and_requeue")
 
-    async def _handle_failed(
-        self, stage: str, stage_kind: StageKind, failed: list[Message]
-    ) -> None:
+    async def handle_failed(self, stage: str, stage_kind: StageKind, failed: list[Message]) -> None:
         """Let `handle_failed` see (and `configure_ack`) the failed messages. Whatever it
         returns or drops, these very messages are acknowledged as failed: the hook gets a
         copy of the list, so changing it in place cannot lose one."""

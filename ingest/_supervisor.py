@@ -13,6 +13,7 @@ import structlog
 from ingest._batch_processor import run_batch_processor
 from ingest._batcher import BatcherStage
 from ingest._buffer import Buffer
+from ingest._durable_batcher import DurableBatcherStage, Flusher
 from ingest._intake import Intake
 from ingest._processor import PROCESSOR_STAGE, run_processor
 from ingest._runtime import Batch, Runtime
@@ -51,7 +52,8 @@ class Supervisor:
         self.failure: BaseException | None = None
         self._runtime: Runtime | None = None
         self._stages: Stages | None = None
-        self.batchers: dict[str, BatcherStage] = {}  # the live generation's
+        # The live generation's batcher stages.
+        self.batchers: dict[str, BatcherStage | DurableBatcherStage] = {}
         self._task: asyncio.Task[None] | None = None
         self._crash: StageCrashed | None = None
         self._stop_requested = asyncio.Event()
@@ -262,6 +264,9 @@ class Supervisor:
     ) -> None:
         """One batcher stage and its batch processors, with a closed batch waiting for each
         (one per partition when partitioned: a partition keeps its batch processor)."""
+        if options.windows is not None:
+            self._build_durable_batcher(rt, stages, name, options, spawn)
+            return
         processors = self.pipeline.processors
         # A batcher's inbox holds a few batches' worth of messages.
         capacity = max(
@@ -282,6 +287,24 @@ class Supervisor:
             worker = f"batch_processor_{name}_{index}"
             outbox = outboxes[index if partitioned else 0]
             stages.batch_processors.append(spawn(run_batch_processor(rt, worker, outbox), worker))
+
+    def _build_durable_batcher(
+        self, rt: Runtime, stages: Stages, name: str, options: Batcher, spawn: Any
+    ) -> None:
+        """A batcher with durable windows: its stage appends to the store (and then
+        acknowledges), its `concurrency` flushers take the batch processors' place."""
+        processors = self.pipeline.processors
+        capacity = max(processors.concurrency * processors.max_demand, 1_000)
+        inbox = Buffer[Message](capacity, capacity // 2)
+        rt.batcher_inboxes[name] = inbox
+        stages.batcher_inboxes.append(inbox)
+        batcher = DurableBatcherStage(rt, name, options, inbox)
+        self.batchers[name] = batcher
+        stages.batchers.append(spawn(batcher.run(), f"batcher_{name}"))
+        for index in range(options.concurrency):
+            worker = f"batch_processor_{name}_{index}"
+            flusher = Flusher(batcher, worker, keeps_view=index == 0)
+            stages.batch_processors.append(spawn(flusher.run(), worker))
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

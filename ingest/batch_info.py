@@ -14,7 +14,9 @@ class BatchInfo:
 
     `partition` is set when the pipeline has `partition_by`; `trigger` is `"size"` when
     the batch filled, `"timeout"` when `batch_timeout` passed since its first message and
-    `"flush"` when a message in flush mode or the pipeline's shutdown closed it.
+    `"flush"` when a message in flush mode or the pipeline's shutdown closed it. `window`
+    is the id of a durable window (`ingest.windows`): the same on every attempt of it, so
+    an effect derived from it (an email's Message-ID) repeats rather than multiplies.
     """
 
     batcher: str
@@ -22,3 +24,4 @@ class BatchInfo:
     partition: int | None
     size: int
     trigger: BatchTrigger
+    window: str | None = None

@@ -32,6 +32,8 @@ EventKind = Literal[
     "ack",
     "ack.exception",
     "handle_failed.exception",
+    "window.flush",
+    "window.exception",
 ]
 
 # Which kind of stage emitted an event: consumers read this, never the stage's name.
@@ -54,6 +56,11 @@ class Event:
       the pipeline is restarted or, past its restart limit, fails.
     - `pipeline.pause` / `pipeline.resume`: the producer stopped / started taking
       messages in; `reason` says who asked (`paused`: `Pipeline.pause()`; `circuit open`).
+    - `window.flush`: a durable window's flush ended; `reason` is the outcome (`done`,
+      `retry`: tried again later, `dead_letter`: its failed messages went to the dead
+      letters), `batch_info` the window, `successful` / `failed` its messages' outcome.
+    - `window.exception`: the window store failed (`reason`: `append`, `close`, `claim`
+      or `dead_letter`); nothing was lost: what was not stored is not acknowledged.
     - `*.exception` carry the exception; `*.stop` carry `duration` in seconds.
 
     `stage` names the worker (`processor_0`, `batch_processor_email_2`); `stage_kind` says

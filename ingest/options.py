@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ingest.message import Message
 from ingest.typing import SizeStep
+
+if TYPE_CHECKING:
+    from ingest.windows import DurableWindows
 
 
 def positive_int(owner: str, name: str, value: object) -> None:
@@ -99,22 +102,45 @@ class Batcher:
     `handle_batch`::
 
         Batcher(batch_size=75, batch_timeout=1.0, concurrency=2)
+
+    With `windows` (`ingest.windows.DurableWindows`) its open batches live in a store and
+    each message is acknowledged once stored: the broker's prefetch no longer bounds them.
     """
 
     batch_size: int | CustomBatchSize = 100
     batch_timeout: float = 1.0
     concurrency: int = 1
+    windows: DurableWindows | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, CustomBatchSize):
             positive_int("batcher", "batch_size", self.batch_size)
         positive_seconds("batcher", "batch_timeout", self.batch_timeout)
         positive_int("batcher", "concurrency", self.concurrency)
+        if self.windows is not None:
+            from ingest.windows import DurableWindows  # ingest.windows imports this module
+
+            if not isinstance(self.windows, DurableWindows):
+                raise TypeError(
+                    f"batcher: windows must be an ingest.windows.DurableWindows, "
+                    f"got {type(self.windows)!r}"
+                )
+            if not isinstance(self.batch_size, int):
+                raise ValueError(
+                    "batcher: a batcher with durable windows needs an int batch_size (the "
+                    "store counts messages); a custom size cannot be stored"
+                )
 
     @property
     def max_messages(self) -> int | None:
         """The most messages one batch can hold, when it is known."""
         return self.batch_size if isinstance(self.batch_size, int) else None
+
+    @property
+    def holds_deliveries(self) -> int | None:
+        """The most unacknowledged deliveries one of its batches holds (None: unknown, a
+        custom size); 0 with durable windows, which acknowledge once stored."""
+        return 0 if self.windows is not None else self.max_messages
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,8 +87,9 @@ class PipelineShape:
     partitioned: bool
 
     def batch_sizes(self) -> int:
-        """The messages one full batch of every batcher holds (custom sizes: their cap)."""
-        return sum(batcher.max_messages or 0 for batcher in self.batchers.values())
+        """The unacknowledged messages one full batch of every batcher holds (custom
+        sizes: their cap; durable windows: none, they are acknowledged once stored)."""
+        return sum(batcher.holds_deliveries or 0 for batcher in self.batchers.values())
 
     def bound_for_full_batches(self) -> int:
         """The smallest bound on unacknowledged messages with which one batch of every
@@ -100,7 +101,7 @@ class PipelineShape:
         and one more filling in every batcher, and for every processor's demand."""
         processors = self.processors
         in_flight = sum(
-            (batcher.concurrency + 1) * (batcher.max_messages or 0)
+            (batcher.concurrency + 1) * (batcher.holds_deliveries or 0)
             for batcher in self.batchers.values()
         )
         return max(50, in_flight, processors.concurrency * processors.max_demand)
@@ -112,9 +113,9 @@ class PipelineShape:
         if bound >= needed:
             return
         sizes = ", ".join(
-            f"{name} ({options.max_messages})"
+            f"{name} ({options.holds_deliveries})"
             for name, options in self.batchers.items()
-            if options.max_messages
+            if options.holds_deliveries
         )
         raise ValueError(
             f"pipeline {self.name!r}: {option} {bound} is too small for the batchers {sizes} "
