@@ -76,6 +76,14 @@ def delete_queues(url: str, queues: list[str]) -> None:
         asyncio.run(delete_queue(url, queue))
 
 
+async def delete_exchange(url: str, exchange: str) -> None:
+    """An exchange a run made (the partitions' consistent-hash exchange)."""
+    connection = await aiormq.connect(url)
+    channel = await connection.channel()
+    await channel.exchange_delete(exchange)
+    await connection.close()
+
+
 def cpu_seconds(pid: int | str = "self") -> float:
     """utime + stime of a process, all its threads included (aiosqlite's, asyncpg's)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
@@ -181,10 +189,11 @@ def processes_cpu(pids: list[int], command: str) -> dict[int, float]:
 
 
 class Probe:
-    """One drain's measures from `start` to `stop` (its last acknowledgement, before the
-    teardown): the clock, this process's CPU plus its workers', RabbitMQ's, and that of
-    the PostgreSQL backends of the bench database (a backend that ended before `stop` is
-    missed: the pipelines' pools keep theirs open, so few if any)."""
+    """One drain's measures from `start` to `stop` (its last acknowledgement or, for the
+    notifications, its last digest mailed; before the teardown): the clock, this
+    process's CPU plus its workers', RabbitMQ's, and that of the PostgreSQL backends of
+    the bench database (a backend that ended before `stop` is missed: the pipelines'
+    pools keep theirs open, so few if any)."""
 
     def __init__(self, broker_pid: int | None, postgres_url: str | None) -> None:
         self.broker_pid = broker_pid

@@ -14,18 +14,36 @@ Scenarios (each fills its own queue, then drains it in a fresh process):
   bookings_postgresql_x2         the same in two processes on one queue, as
                                  `ingest run --workers 2` (bookings_sqlite_x2 without
                                  PostgreSQL)
-  notifications_smtp             --notifications notifications for --recipients recipients,
-                                 sent as digests to an aiosmtpd server in a process of its
-                                 own; checks that each is in exactly one digest
+  notifications_durable          --notifications notifications for each --recipients count,
+                                 as digests to an aiosmtpd server in a process of its own,
+                                 with durable windows (the default: open windows kept in a
+                                 PostgreSQL database made for the run, SQLite when it is
+                                 unreachable); one row per count, e.g.
+                                 notifications_durable_1000
+  notifications_in_memory        the same with durable_windows false: the in-memory batcher,
+                                 whose windows the prefetch bounds (the "before" figure)
 
 One JSON line per scenario, then a Markdown table: msgs_per_s, ratio_to_bare (to
 bare_aiormq of the same run), service_cpu_us_per_msg (the draining processes' utime+stime),
 broker_cpu_us_per_msg (RabbitMQ's Erlang VM over the drain, not the fill), peak_rss_mb, and
-per scenario what it checks. Timed from the start of the drain to its last acknowledgement;
-notifications from the first delivery, with and without the last batch window.
+per scenario what it checks. Timed from the start of the drain to its last acknowledgement.
 
-    python bench/service.py [--messages 100000] [--notifications 100000] [--recipients 1000]
-                            [--notifications-prefetch N] [--queue-type quorum|classic]
+Notifications are timed from the first delivery. With durable windows the drain (the
+acknowledgements) ends long before the last digest, so three figures: msgs_per_s, the
+notifications acknowledged per second up to the last acknowledgement (what decides whether
+the queue piles up); mailed_msgs_per_s, to the last digest the SMTP server received, less
+the last window's batch timeout; all_mailed_s, first delivery to last digest. The drain
+process stays up until every notification was mailed (or --mail-timeout), and its CPU and
+peak RSS cover that whole time, flushes included. Checked from the digests received:
+every notification in exactly one digest (missing, repeated, wrong_recipient), digests per
+recipient, Message-IDs received more than once (resent_message_ids), and
+most_partial_digests_in_one_window: for each recipient, the most digests smaller than the
+batch size (closed by timeout) received within 0.9 batch timeouts; 1 is one digest per
+recipient per window. ratio_to_bookings is msgs_per_s over the bookings' of the same run.
+
+    python bench/service.py [--messages 100000] [--notifications 100000]
+                            [--recipients 1000 [10000 ...]] [--notifications-prefetch N]
+                            [--mail-timeout 300] [--queue-type quorum|classic]
                             [--scenario NAME ...] [--postgres URL]
 """
 
@@ -46,9 +64,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +101,9 @@ class Drain:
     smtp_url: str = ""
     prefetch: int | None = None  # notifications: None is the pipeline's own (100)
     queue_type: str = "quorum"
+    durable_windows: bool = True  # notifications: INGEST_PIPELINES__..__DURABLE_WINDOWS
+    smtp_record: str = ""  # notifications: the SMTP recorder's file, read until all mailed
+    mail_timeout: float = 300.0  # notifications: the most to wait for it after the drain
 
     @property
     def notifications_queue(self) -> str:
@@ -164,12 +185,15 @@ class Progress:
         self.failed = 0
         self.settled = 0
         self.first_delivery: float | None = None
+        self.first_delivery_at = 0.0  # the same on the wall clock, as the SMTP server's
         self.last_processed = 0.0
+        self.drained = 0.0  # the last acknowledgement
         self.done = asyncio.Event()
 
     def on_event(self, event: Any) -> None:
         if event.kind == "processor.start" and self.first_delivery is None:
             self.first_delivery = time.perf_counter()
+            self.first_delivery_at = time.time()
         elif event.kind == "processor.stop":
             self.last_processed = time.perf_counter()
         elif event.kind == "ack":
@@ -177,7 +201,8 @@ class Progress:
             self.settled += event.successful + event.failed
             if self.on_settled is not None:
                 self.on_settled(event.successful + event.failed)
-            if self.settled >= self.count:
+            if self.settled >= self.count and not self.done.is_set():
+                self.drained = time.perf_counter()
                 self.done.set()
 
 
@@ -204,6 +229,7 @@ async def hosted(
                 "queue": drain.notifications_queue,
                 "queue_type": drain.queue_type,
                 "prefetch_count": drain.prefetch,
+                "durable_windows": drain.durable_windows,
             },
         },
     )
@@ -297,19 +323,52 @@ async def bookings_two_workers(drain: Drain, probe: Probe) -> dict[str, Any]:
     return {"workers": 2, "failed": failed, **await bookings_outcome(drain)}
 
 
+class MailWatch:
+    """Reads the SMTP recorder's file as it grows: how many notifications were mailed
+    (refs counted, not kept: a set of them would add to the peak RSS measured)."""
+
+    def __init__(self, record: Path) -> None:
+        self.record = record
+        self.refs = 0
+        self._offset = 0
+
+    def read(self) -> int:
+        if not self.record.exists():
+            return self.refs
+        with self.record.open("rb") as file:
+            file.seek(self._offset)
+            chunk = file.read()
+        complete = chunk.rfind(b"\n") + 1  # a line being written waits for the next read
+        self._offset += complete
+        self.refs += sum(len(json.loads(line)["refs"]) for line in chunk[:complete].splitlines())
+        return self.refs
+
+    async def wait_for(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.read() < count and time.monotonic() < deadline:  # noqa: ASYNC110 - the SMTP server writes it
+            await asyncio.sleep(0.1)
+
+
 async def notifications(drain: Drain, probe: Probe) -> dict[str, Any]:
-    """Timed from the first delivery to the last acknowledgement, which comes after the
-    last digests' batch timeout (10 s): also given without that last window."""
+    """Timed from the first delivery to the last acknowledgement; the pipeline then runs
+    on (its flushers mail the windows still open) until every notification was mailed,
+    and only then is the probe stopped, so that CPU and RSS include the flushes. The
+    in-memory batcher acknowledges a batch after its digest: its last acknowledgement
+    comes after the last window's timeout."""
     progress = Progress(drain.count)
-    await hosted(drain, progress, probe.stop)
-    assert probe.stopped_at is not None
+    mailed = MailWatch(Path(drain.smtp_record))
+
+    async def all_mailed() -> None:
+        await mailed.wait_for(drain.count, drain.mail_timeout)
+        await probe.stop()
+
+    await hosted(drain, progress, all_mailed)
     assert progress.first_delivery is not None
-    busy = progress.last_processed - progress.first_delivery
     return {
-        "seconds": probe.stopped_at - progress.first_delivery,
-        "trailing_wait_s": round(probe.stopped_at - progress.last_processed, 2),
-        "msgs_per_s_without_last_window": round(drain.count / busy),
+        "seconds": progress.drained - progress.first_delivery,
+        "first_delivery_at": progress.first_delivery_at,
         "failed": progress.failed,
+        "mailed": mailed.read(),
     }
 
 
@@ -319,7 +378,8 @@ DRAINS: dict[str, Callable[[Drain, Probe], Awaitable[dict[str, Any]]]] = {
     "bookings_postgresql": bookings,
     "bookings_sqlite": bookings,
     "bookings_postgresql_x2": bookings_two_workers,
-    "notifications_smtp": notifications,
+    "notifications_durable": notifications,
+    "notifications_in_memory": notifications,
 }
 SCENARIOS = tuple(DRAINS)
 
@@ -394,7 +454,7 @@ class SmtpServer:
 @contextlib.contextmanager
 def smtp_server(directory: str) -> Iterator[SmtpServer]:
     """This script's `--smtp-server` in a process of its own (its CPU is not the
-    service's), recording the refs of every digest it receives."""
+    service's), recording every digest it receives (see `serve_smtp`)."""
     record = Path(directory) / "digests.jsonl"
     process = subprocess.Popen(
         [sys.executable, __file__, "--smtp-server", str(record)], stdout=subprocess.PIPE, text=True
@@ -411,8 +471,9 @@ def smtp_server(directory: str) -> Iterator[SmtpServer]:
 
 
 def serve_smtp(record: str) -> None:
-    """The benchmark's SMTP server: each digest's recipient and refs, one JSON line each,
-    written before the 250 that lets the pipeline acknowledge its notifications."""
+    """The benchmark's SMTP server: each digest's recipient, refs, Message-ID and arrival
+    time (epoch seconds), one JSON line each, written before the 250 that lets the
+    pipeline acknowledge its notifications (or complete their window)."""
     import email
     import email.policy
 
@@ -425,7 +486,12 @@ def serve_smtp(record: str) -> None:
             async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
                 message = email.message_from_bytes(envelope.content, policy=email.policy.default)
                 refs = REF.findall(message.get_body().get_content())  # type: ignore[union-attr]
-                record = {"to": envelope.rcpt_tos, "refs": refs, "at": time.time()}
+                record = {
+                    "to": envelope.rcpt_tos,
+                    "refs": refs,
+                    "message_id": message["Message-ID"],
+                    "at": time.time(),
+                }
                 file.write(json.dumps(record) + "\n")
                 file.flush()
                 return "250 OK"
@@ -441,17 +507,33 @@ def serve_smtp(record: str) -> None:
         uvloop.run(main())
 
 
-def check_digests(record: Path, expected: dict[str, str]) -> dict[str, Any]:
+def read_digests(record: Path) -> list[dict[str, Any]]:
+    """The digests the SMTP recorder received, in their order of arrival."""
+    if not record.exists():
+        return []
+    return [json.loads(line) for line in record.read_text().splitlines()]
+
+
+def check_digests(
+    digests: list[dict[str, Any]], expected: dict[str, str], batch_size: int, batch_timeout: float
+) -> dict[str, Any]:
+    """Every notification in exactly one digest, to its recipient; digests per recipient
+    (of those expected); Message-IDs received more than once; and the most partial digests
+    of one recipient within one window (see `most_partial_in_one_window`)."""
     seen: Counter[str] = Counter()
-    digests = wrong_recipient = 0
-    for line in record.read_text().splitlines():
-        digest = json.loads(line)
-        digests += 1
+    wrong_recipient = 0
+    for digest in digests:
         for ref in digest["refs"]:
             seen[ref] += 1
             wrong_recipient += digest["to"] != [expected.get(ref)]
+    message_ids = Counter(digest.get("message_id") for digest in digests)
     return {
-        "digests": digests,
+        "digests": len(digests),
+        "digests_per_recipient": round(len(digests) / max(1, len(set(expected.values()))), 2),
+        "most_partial_digests_in_one_window": most_partial_in_one_window(
+            digests, batch_size, 0.9 * batch_timeout
+        ),
+        "resent_message_ids": sum(1 for n in message_ids.values() if n > 1),
         "every_notification_once": seen.keys() == expected.keys()
         and all(n == 1 for n in seen.values()),
         "missing": len(expected.keys() - seen.keys()),
@@ -460,15 +542,45 @@ def check_digests(record: Path, expected: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def most_partial_in_one_window(digests: list[dict[str, Any]], batch_size: int, span: float) -> int:
+    """For each recipient, among its digests of fewer than `batch_size` notifications
+    (closed by timeout, not by size), the most that arrived within any `span` seconds; the
+    largest over the recipients. With `span` a little under the batch timeout, 1 means one
+    digest per recipient per window, more that a window was cut into several digests."""
+    arrivals: dict[str, list[float]] = defaultdict(list)
+    for digest in digests:
+        if len(digest["refs"]) < batch_size:
+            arrivals[str(digest["to"])].append(digest["at"])
+    most = 0
+    for stamps in arrivals.values():
+        stamps.sort()
+        start = 0
+        for end, stamp in enumerate(stamps):
+            while stamp - stamps[start] > span:
+                start += 1
+            most = max(most, end - start + 1)
+    return most
+
+
+def email_batcher() -> tuple[int, float]:
+    """The notifications pipeline's digest batcher: its batch size and timeout."""
+    from pipelines.notifications import BATCHERS
+
+    email = BATCHERS["email"]
+    assert isinstance(email.batch_size, int)
+    return email.batch_size, email.batch_timeout
+
+
 @dataclass
 class Run:
     url: str
     postgres: str
     messages: int
     notifications: int
-    recipients: int
+    recipients: list[int]
     notifications_prefetch: int | None = None
     queue_type: str = "quorum"
+    mail_timeout: float = 300.0
     broker_pid: int | None = None
     postgres_error: str | None = None
     rng: random.Random = field(default_factory=lambda: random.Random(11))
@@ -496,66 +608,132 @@ def drain_process(scenario: str, drain: Drain, broker_pid: int | None) -> dict[s
     return dict(json.loads(output.strip().splitlines()[-1]))
 
 
-def run_scenario(run: Run, scenario: str) -> dict[str, Any]:
-    """Fill a queue of its own, drain it, check; whatever happens, delete the queues and
-    databases made for it."""
-    label = scenario
+@dataclass
+class Job:
+    """One row of the table: the drain to run (a key of DRAINS), what it is given, the
+    messages to fill its queue with and, for notifications, what to check them against."""
+
+    scenario: str
+    label: str
+    drain: Drain
+    messages: list[tuple[bytes, str]]
+    extra: dict[str, Any] = field(default_factory=dict)
+    smtp: SmtpServer | None = None
+    expected: dict[str, str] = field(default_factory=dict)
+
+
+def run_scenario(run: Run, scenario: str, recipients: int = 0) -> dict[str, Any]:
+    """Fill a queue of its own, drain it, check; whatever happens, delete the queues,
+    databases and processes made for it."""
     with contextlib.ExitStack() as cleanup:
         queue = f"bench-{scenario}-{uuid.uuid4().hex[:8]}"
-        drain = Drain(run.url, queue, run.messages, queue_type=run.queue_type)
         cleanup.callback(delete_queues, run.url, [queue, f"{queue}-notifications"])
         directory = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="ingest-bench-"))
-        sqlite = f"sqlite+aiosqlite:///{directory}/tickets.db"
-        extra: dict[str, Any] = {}
-        smtp: SmtpServer | None = None
-        if scenario == "notifications_smtp":
-            smtp = cleanup.enter_context(smtp_server(directory))
-            drain = Drain(
-                run.url,
-                queue,
-                run.notifications,
-                "notifications",
-                sqlite,
-                smtp.url,
-                run.notifications_prefetch,
-                run.queue_type,
-            )
-            messages, expected = notification_messages(run.notifications, run.recipients, run.rng)
-            extra = {
-                "recipients": run.recipients,
-                "prefetch": run.notifications_prefetch or "default (100)",
-                "database": "sqlite",
-            }
+        if scenario.startswith("notifications"):
+            job = notifications_job(run, scenario, recipients, queue, directory, cleanup)
         else:
-            messages = booking_messages(run.messages, run.rng)
-            if scenario.startswith("bookings"):
-                on_postgres = "postgresql" in scenario and not run.postgres_error
-                if not on_postgres:
-                    label = scenario.replace("postgresql", "sqlite")
-                url = cleanup.enter_context(postgres_database(run.postgres)) if on_postgres else ""
-                drain = Drain(
-                    run.url,
-                    queue,
-                    run.messages,
-                    "bookings",
-                    url or sqlite,
-                    queue_type=run.queue_type,
-                )
-                extra = {"database": "postgresql" if on_postgres else "sqlite"}
-        print(f"{label}: filling {queue} with {len(messages)} messages", file=sys.stderr)
-        content_type = "application/json" if smtp else None
-        asyncio.run(fill_queue(run.url, queue, messages, content_type, run.queue_type))
-        background = broker_background_pct(run.broker_pid)
-        print(f"{label}: draining", file=sys.stderr)
-        smtp_cpu = cpu_seconds(smtp.pid) if smtp else 0.0
-        result = {**drain_process(scenario, drain, run.broker_pid), "scenario": label, **extra}
-        result["broker_background_cpu_pct"] = background
-        if smtp is not None:
-            smtp_cpu = cpu_seconds(smtp.pid) - smtp_cpu
-            result["smtp_server_cpu_us_per_msg"] = round(smtp_cpu * 1e6 / drain.count, 1)
-            result.update(check_digests(smtp.record, expected))
-            result["digests_per_s"] = round(result["digests"] / result["seconds"], 1)
-        return result
+            job = bookings_job(run, scenario, queue, directory, cleanup)
+        return run_job(run, job)
+
+
+def database_for(
+    run: Run, postgres: bool, directory: str, cleanup: contextlib.ExitStack
+) -> tuple[str, str]:
+    """The URL and dialect of a database made for the run: on PostgreSQL when `postgres`
+    and it is reachable, else SQLite in `directory`."""
+    if postgres and not run.postgres_error:
+        return cleanup.enter_context(postgres_database(run.postgres)), "postgresql"
+    return f"sqlite+aiosqlite:///{directory}/tickets.db", "sqlite"
+
+
+def bookings_job(
+    run: Run, scenario: str, queue: str, directory: str, cleanup: contextlib.ExitStack
+) -> Job:
+    """The bare drains and the bookings pipeline (on SQLite, and so labelled, when
+    PostgreSQL is unreachable)."""
+    drain = Drain(run.url, queue, run.messages, queue_type=run.queue_type)
+    job = Job(scenario, scenario, drain, booking_messages(run.messages, run.rng))
+    if scenario.startswith("bookings"):
+        url, database = database_for(run, "postgresql" in scenario, directory, cleanup)
+        job.label = scenario.replace("postgresql", database)
+        job.drain = replace(drain, pipeline="bookings", database_url=url)
+        job.extra = {"database": database}
+    return job
+
+
+def notifications_job(
+    run: Run,
+    scenario: str,
+    recipients: int,
+    queue: str,
+    directory: str,
+    cleanup: contextlib.ExitStack,
+) -> Job:
+    """The notifications pipeline on PostgreSQL (SQLite, saying so, when unreachable),
+    with or without durable windows, mailing to an SMTP recorder of its own."""
+    url, database = database_for(run, True, directory, cleanup)
+    smtp = cleanup.enter_context(smtp_server(directory))
+    durable = scenario == "notifications_durable"
+    drain = Drain(
+        run.url,
+        queue,
+        run.notifications,
+        "notifications",
+        url,
+        smtp.url,
+        run.notifications_prefetch,
+        run.queue_type,
+        durable_windows=durable,
+        smtp_record=str(smtp.record),
+        mail_timeout=run.mail_timeout,
+    )
+    messages, expected = notification_messages(run.notifications, recipients, run.rng)
+    extra: dict[str, Any] = {
+        "recipients": recipients,
+        "prefetch": run.notifications_prefetch or "default (100)",
+        "database": database,
+        "durable_windows": durable,
+    }
+    if run.postgres_error:
+        extra["on_sqlite_because"] = run.postgres_error
+        print(f"{scenario}: on SQLite, {run.postgres_error}", file=sys.stderr)
+    return Job(scenario, f"{scenario}_{recipients}", drain, messages, extra, smtp, expected)
+
+
+def run_job(run: Run, job: Job) -> dict[str, Any]:
+    queue, count = job.drain.queue, job.drain.count
+    print(f"{job.label}: filling {queue} with {len(job.messages)} messages", file=sys.stderr)
+    content_type = "application/json" if job.smtp else None
+    asyncio.run(fill_queue(run.url, queue, job.messages, content_type, run.queue_type))
+    job.messages = []  # not kept through the drain
+    background = broker_background_pct(run.broker_pid)
+    print(f"{job.label}: draining", file=sys.stderr)
+    smtp_cpu = cpu_seconds(job.smtp.pid) if job.smtp else 0.0
+    drained = drain_process(job.scenario, job.drain, run.broker_pid)
+    result = {**drained, "scenario": job.label, **job.extra}
+    result["broker_background_cpu_pct"] = background
+    if job.smtp is not None:
+        smtp_cpu = cpu_seconds(job.smtp.pid) - smtp_cpu
+        result["smtp_server_cpu_us_per_msg"] = round(smtp_cpu * 1e6 / count, 1)
+        result.update(mail_figures(job, result.pop("first_delivery_at")))
+    return result
+
+
+def mail_figures(job: Job, first_delivery_at: float) -> dict[str, Any]:
+    """The digest checks, and the times to the last digest: all_mailed_s from the first
+    delivery, and mailed_msgs_per_s without the last window's batch timeout (a wait for
+    notifications that never came, not work)."""
+    assert job.smtp is not None
+    batch_size, batch_timeout = email_batcher()
+    digests = read_digests(job.smtp.record)
+    figures = check_digests(digests, job.expected, batch_size, batch_timeout)
+    if not digests:
+        return figures
+    all_mailed = max(digest["at"] for digest in digests) - first_delivery_at
+    figures["all_mailed_s"] = round(all_mailed, 2)
+    figures["mailed_msgs_per_s"] = round(job.drain.count / max(1e-3, all_mailed - batch_timeout))
+    figures["digests_per_s"] = round(len(digests) / all_mailed, 1)
+    return figures
 
 
 TABLE = (
@@ -572,11 +750,22 @@ NOTES = (
     "tickets",
     "notifications_queued",
     "failed",
-    "digests_per_s",
+    "recipients",
+    "database",
+    "ratio_to_bookings",
+    "mailed_msgs_per_s",
+    "all_mailed_s",
     "every_notification_once",
-    "msgs_per_s_without_last_window",
-    "trailing_wait_s",
+    "missing",
+    "repeated",
+    "wrong_recipient",
+    "digests",
+    "digests_per_s",
+    "digests_per_recipient",
+    "most_partial_digests_in_one_window",
+    "resent_message_ids",
     "smtp_server_cpu_us_per_msg",
+    "on_sqlite_because",
     "broker_background_cpu_pct",
     "skipped",
     "error",
@@ -584,14 +773,19 @@ NOTES = (
 
 
 def compare(rows: list[dict[str, Any]]) -> None:
-    """Ratios to the bare drain's throughput, and the bookings' broker CPU to that of the
-    bare consumer with one confirmed publish per message (the bound issue 11 sets)."""
+    """Ratios to the bare drain's throughput, the bookings' broker CPU to that of the
+    bare consumer with one confirmed publish per message (the bound issue 11 sets), and
+    the notifications' throughput to the bookings' (issue 19: at least as fast, so that a
+    burst of bookings does not pile up in the notifications queue)."""
     by_name = {row["scenario"]: row for row in rows}
     bare_rate = by_name.get("bare_aiormq", {}).get("msgs_per_s")
     reference = by_name.get("bare_aiormq_confirmed_publish", {}).get("broker_cpu_us_per_msg")
+    bookings = by_name.get("bookings_postgresql") or by_name.get("bookings_sqlite") or {}
     for row in rows:
         if bare_rate and "msgs_per_s" in row:
             row["ratio_to_bare"] = round(row["msgs_per_s"] / bare_rate, 2)
+        if bookings.get("msgs_per_s") and row["scenario"].startswith("notifications"):
+            row["ratio_to_bookings"] = round(row["msgs_per_s"] / bookings["msgs_per_s"], 2)
         if reference and row["scenario"].startswith("bookings") and "broker_cpu_us_per_msg" in row:
             row["broker_cpu_ratio_to_confirmed_publish"] = round(
                 row["broker_cpu_us_per_msg"] / reference, 2
@@ -610,11 +804,23 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--notifications", type=int, default=100_000)
-    parser.add_argument("--recipients", type=int, default=1_000)
+    parser.add_argument(
+        "--recipients",
+        type=int,
+        nargs="+",
+        default=[1_000],
+        help="recipients of the notifications; several counts give a row each (1000)",
+    )
+    parser.add_argument(
+        "--mail-timeout",
+        type=float,
+        default=300.0,
+        help="notifications: the most seconds to wait for the last digests after the drain",
+    )
     parser.add_argument(
         "--queue-type",
         choices=("quorum", "classic"),
@@ -634,7 +840,31 @@ def main() -> None:
     parser.add_argument("--drain", nargs=2, metavar=("SCENARIO", "JSON"), help=argparse.SUPPRESS)
     parser.add_argument("--broker-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--smtp-server", metavar="RECORD", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def run_all(run: Run, scenarios: list[str]) -> list[dict[str, Any]]:
+    """A row per scenario, and per recipient count for the notifications."""
+    rows: list[dict[str, Any]] = []
+    for scenario in scenarios:
+        if scenario == "bookings_postgresql" and run.postgres_error:
+            rows.append({"scenario": scenario, "skipped": run.postgres_error})
+            print(f"{scenario}: skipped, {run.postgres_error}", file=sys.stderr)
+            continue
+        notifications = scenario.startswith("notifications")
+        for recipients in run.recipients if notifications else [0]:
+            label = f"{scenario}_{recipients}" if notifications else scenario
+            try:
+                rows.append(run_scenario(run, scenario, recipients))
+            except Exception as exc:
+                rows.append({"scenario": label, "error": f"{type(exc).__name__}: {exc}"})
+                print(f"{label}: failed, {exc!r}", file=sys.stderr)
+    compare(rows)
+    return rows
+
+
+def main() -> None:
+    args = arguments()
     if args.smtp_server:
         serve_smtp(args.smtp_server)
         return
@@ -652,23 +882,13 @@ def main() -> None:
         args.recipients,
         args.notifications_prefetch,
         args.queue_type,
+        args.mail_timeout,
     )
     run.broker_pid = find_broker_pid()
-    scenarios = args.scenario or SCENARIOS
-    if any("postgresql" in scenario for scenario in scenarios):
+    scenarios = args.scenario or list(SCENARIOS)
+    if any("postgresql" in name or name.startswith("notifications") for name in scenarios):
         run.postgres_error = postgres_unreachable(args.postgres)
-    rows: list[dict[str, Any]] = []
-    for scenario in scenarios:
-        if scenario == "bookings_postgresql" and run.postgres_error:
-            rows.append({"scenario": scenario, "skipped": run.postgres_error})
-            print(f"{scenario}: skipped, {run.postgres_error}", file=sys.stderr)
-            continue
-        try:
-            rows.append(run_scenario(run, scenario))
-        except Exception as exc:
-            rows.append({"scenario": scenario, "error": f"{type(exc).__name__}: {exc}"})
-            print(f"{scenario}: failed, {exc!r}", file=sys.stderr)
-    compare(rows)
+    rows = run_all(run, scenarios)
     for row in rows:
         print(json.dumps(row), flush=True)
     print()

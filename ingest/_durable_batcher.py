@@ -240,7 +240,7 @@ class Flusher:
                 stage._emit_store_failure("dead_letter", exc, failed)
                 claim.retry(window, time.time() + stage.windows.delay(attempt), repr(exc))
                 return
-        claim.done(window)
+        claim.done(window, {str(m.metadata.get("message_id")) for m in failed})
         self._emit_flush("dead_letter" if failed else "done", info, messages, successful, failed)
 
     def _emit_flush(

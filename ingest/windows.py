@@ -18,7 +18,7 @@ Times are seconds since the epoch (`time.time()`), so that replicas agree on the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -44,7 +44,8 @@ class StoredMessage:
     """A message as a store keeps it: JSON text for its data and its metadata.
 
     `message_id` (when the message has one) makes an append idempotent: a message whose id
-    is already in one of the batcher's windows (a redelivery) is not added again.
+    is already in one of the batcher's windows, or was in one done lately (a store says
+    how long it remembers), is not added again.
     """
 
     batch_key: str
@@ -116,8 +117,10 @@ class Claim(Protocol):
     @property
     def windows(self) -> Sequence[StoredWindow]: ...
 
-    def done(self, window: StoredWindow) -> None:
-        """Delete the window and its messages on exit."""
+    def done(self, window: StoredWindow, dead_lettered: Collection[str] = ()) -> None:
+        """Delete the window and its messages on exit. Their ids are remembered (an
+        append of one of them is skipped) but `dead_lettered`'s: a replay of those must
+        join a window again."""
         ...
 
     def retry(self, window: StoredWindow, not_before: float, reason: str) -> None:

@@ -7,6 +7,7 @@ import random
 import uuid
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +18,20 @@ from ingest.producers.csv_file import CsvFileProducer
 from ingest.rabbitmq import (
     OutgoingMessage,
     Partitions,
+    Publisher,
     QueueDeclare,
     RabbitMQOptions,
     RabbitMQProducer,
     RetryPolicy,
 )
 from ingest.rabbitmq._connection import client_name
+from ingest.rabbitmq.window_dead_letters import PublishedDeadLetters
 from ingest.service.hosting import HostedPipeline, Route
 from ingest.service.settings import Settings
+from ingest.sql import SqlWindowStore
+from ingest.windows import DurableWindows
 from pipelines.db import Database
-from pipelines.mail import Mailer, digest, mailer_for
+from pipelines.mail import Mailer, digest, mailer_for, window_message_id
 from pipelines.payloads import Notification, PayloadError, parse_notification
 
 logger = structlog.get_logger("pipelines.notifications")
@@ -53,25 +58,40 @@ class NotificationHandlers(Handlers):
         self._locks = [asyncio.Lock() for _ in range(RECIPIENT_LOCKS)]
 
     async def handle_message(self, processor: str, message: Message, context: Any) -> Message:
+        """The notification as its JSON payload (what a durable window stores, and what a
+        dead letter of it carries), its id in the metadata."""
         try:
             notification = parse_notification(message.data, self.max_body_bytes)
         except PayloadError as error:
             return message.failed(str(error))
-        message_id = message.metadata.get("message_id") or f"generated:{uuid.uuid4().hex}"
-        message.data = (message_id, notification)
+        if not message.metadata.get("message_id"):
+            message.metadata["message_id"] = f"generated:{uuid.uuid4().hex}"
+        message.data = {
+            **notification.details,
+            "type": notification.type,
+            "recipient": notification.recipient,
+        }
         return message.put_batcher("email").put_batch_key(notification.recipient)
 
     async def handle_batch(
         self, batcher: str, messages: list[Message], batch_info: BatchInfo, context: Any
     ) -> list[Message]:
-        """One digest for the batch's recipient. Notifications already sent (same
-        message_id, e.g. a redelivered booking) are left out; the email goes before the
-        record of it, so a crash in between repeats an email rather than losing one."""
+        """One digest for the batch's recipient.
+
+        A durable window (`batch_info.window`) holds each notification once (the store
+        skips an id it holds or completed), and its digest's Message-ID is the window's:
+        sent again after a crash, it is the same email. Otherwise notifications already
+        sent (same message_id, e.g. a redelivered booking) are left out; the email goes
+        before the record of it, so a crash in between repeats an email rather than
+        losing one."""
         unique: dict[str, Notification] = {}
         for message in messages:
-            message_id, notification = message.data
-            unique.setdefault(message_id, notification)
+            unique.setdefault(str(message.metadata["message_id"]), as_notification(message.data))
         recipient = str(batch_info.batch_key)
+        if batch_info.window is not None:
+            message_id = window_message_id(batch_info.window, self.sender)
+            await self.mailer.send(digest(self.sender, recipient, list(unique.items()), message_id))
+            return messages
         async with self._locks[hash(recipient) % RECIPIENT_LOCKS]:
             already = await self.db.sent(unique)
             fresh = [(mid, n) for mid, n in unique.items() if mid not in already]
@@ -87,6 +107,12 @@ class NotificationHandlers(Handlers):
             trigger=batch_info.trigger,
         )
         return messages
+
+
+def as_notification(data: dict[str, Any]) -> Notification:
+    """The notification of a message's data (see handle_message)."""
+    details = {k: v for k, v in data.items() if k not in ("type", "recipient")}
+    return Notification(str(data["type"]), str(data["recipient"]), details)
 
 
 def sample_notifications(count: int) -> list[bytes]:
@@ -140,6 +166,9 @@ def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
                 options, settings.replica(), config.queue_declare, config.standby_delay
             )
         producer = RabbitMQProducer(options)
+    windows = durable_windows(settings, db, producer) if config.durable_windows else None
+    if windows is not None:
+        batchers = {"email": replace(batchers["email"], windows=windows.options)}
     pipeline = Pipeline(
         "notifications",
         NotificationHandlers(db, mailer, settings.mail_from, settings.max_body_bytes),
@@ -154,20 +183,65 @@ def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
         handler_timeout=10.0,
     )
 
+    async def startup() -> None:
+        await db.start()
+        if windows is not None:
+            await windows.store.start()
+
     async def shutdown() -> None:
         await mailer.close()
+        if windows is not None:
+            await windows.close()
         await db.close()
 
     return HostedPipeline.of(
         pipeline,
         config.queue or QUEUE,
-        startup=db.start,
+        startup=startup,
         shutdown=shutdown,
         samples=sample_notifications,
         route=route_to(partitions, config.queue_declare, settings.max_body_bytes)
         if partitions
         else None,
     )
+
+
+@dataclass(frozen=True)
+class Windows:
+    """The digests' durable windows and what they hold open."""
+
+    options: DurableWindows
+    store: SqlWindowStore
+    publisher: Publisher
+
+    async def close(self) -> None:
+        await self.publisher.close()
+        await self.store.close()
+
+
+def durable_windows(
+    settings: Settings, db: Database, producer: CsvFileProducer | RabbitMQProducer
+) -> Windows | None:
+    """Digest windows kept in the pipeline's database, their dead letters published to the
+    queue's dead-letter queue (the first partition's, when partitioned); None for a file,
+    which the service stops reading once done (its windows would wait for the next run)."""
+    if not isinstance(producer, RabbitMQProducer):
+        return None
+    consumed = producer.options.for_producer(0)
+    store = SqlWindowStore(db.engine)
+    publisher = Publisher(
+        settings.amqp_url.get_secret_value(),
+        connection_name=client_name("ingest-notifications-windows"),
+        stamp_publish_time=False,
+    )
+    dead_letters = PublishedDeadLetters(
+        publisher, consumed.dlq_name or f"{consumed.queue}.dlq", consumed.queue
+    )
+    retry = settings.pipeline("notifications").retry_policy(RETRY)
+    options = DurableWindows(
+        store, dead_letters, max_attempts=retry.max_attempts, delays=retry.delays
+    )
+    return Windows(options, store, publisher)
 
 
 def route_to(

@@ -29,7 +29,7 @@ LATENCY_WINDOW_S = 60
 LATENCY_SAMPLES_KEPT = 10_000
 BUSY_WINDOW_S = 5
 OBSERVED: frozenset[EventKind] = frozenset(
-    ("processor.start", "processor.stop", "ack", "batch.stop")
+    ("processor.start", "processor.stop", "ack", "batch.stop", "window.flush")
 )
 
 
@@ -59,6 +59,11 @@ class Activity:
             self._keep_latencies(event)
         elif event.kind == "processor.stop":
             self._count_work(":processors", event.duration or 0.0)
+        elif event.kind == "window.flush":
+            # A durable window's messages were acknowledged when stored: only what
+            # failed for good is news (retries are in the metrics).
+            if event.reason == "dead_letter":
+                self._keep_failures(event)
         elif event.batch_info is not None:  # batch.stop
             self.triggers[event.batch_info.trigger] += 1
             self._count_work(event.batch_info.batcher, event.duration or 0.0)

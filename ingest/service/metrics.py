@@ -36,7 +36,15 @@ _HOOK_OF: dict[EventKind, str] = {
     "handle_failed.exception": "handle_failed",
 }
 _OBSERVED: frozenset[EventKind] = frozenset(
-    ("processor.start", "processor.stop", "ack", "batch.stop", *_HOOK_OF)
+    (
+        "processor.start",
+        "processor.stop",
+        "ack",
+        "batch.stop",
+        "window.flush",
+        "window.exception",
+        *_HOOK_OF,
+    )
 )
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _SIZES = (1, 2, 5, 10, 20, 50, 75, 100, 200, 500, 1000)
@@ -93,9 +101,24 @@ class Metrics:
         self.hook_errors = Counter(
             "ingest_hook_exceptions", "Exceptions raised by hooks", ["pipeline", "hook"], registry=r
         )
+        self.window_flushes = Counter(
+            "ingest_window_flushes",
+            "Durable windows flushed, by outcome: done, retry (tried again later), "
+            "dead_letter (their failed messages dead-lettered)",
+            ["pipeline", "batcher", "outcome"],
+            registry=r,
+        )
+        self.window_store_errors = Counter(
+            "ingest_window_store_errors",
+            "Calls to a durable batcher's window store that failed, by operation (append, "
+            "close, claim, open_windows, dead_letter)",
+            ["pipeline", "operation"],
+            registry=r,
+        )
         self._watched: dict[str, Watched] = {}
         r.register(_PipelineCollector(self._watched))
         r.register(_SupervisionCollector(self._watched))
+        r.register(_WindowsCollector(self._watched))
         r.register(_FrameCollector())
 
     def watch(
@@ -125,6 +148,11 @@ class Metrics:
             self.batches.labels(name, info.batcher, info.trigger).inc()
             self.batch_size.labels(name, info.batcher).observe(info.size)
             self.handle_batch.labels(name, info.batcher).observe(event.duration or 0.0)
+        elif kind == "window.flush" and event.batch_info is not None:
+            outcome = event.reason or "done"
+            self.window_flushes.labels(name, event.batch_info.batcher, outcome).inc()
+        elif kind == "window.exception":
+            self.window_store_errors.labels(name, event.reason or "unknown").inc()
         elif kind in _HOOK_OF:
             self.hook_errors.labels(name, _HOOK_OF[kind]).inc()
 
@@ -205,6 +233,43 @@ class _SupervisionCollector(Collector):
                 states.add_metric([name, state], 1.0 if pipeline.state == state else 0.0)
             paused.add_metric([name], 1.0 if pipeline.paused else 0.0)
         yield from (restarts, states, paused, circuits)
+
+
+class _WindowsCollector(Collector):
+    """Each batcher's open windows (batches) at scrape time: how many, their messages,
+    the age of the oldest and, for durable windows, the closed ones waiting for a flush.
+    Durable windows are read from their store at most once a second by the pipeline."""
+
+    def __init__(self, watched: Mapping[str, Watched]) -> None:
+        self._watched = watched
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["pipeline", "batcher"]
+        windows = GaugeMetricFamily(
+            "ingest_open_windows", "Open batches (windows), one per batch key", labels=labels
+        )
+        messages = GaugeMetricFamily(
+            "ingest_open_window_messages", "Messages in open batches (windows)", labels=labels
+        )
+        oldest = GaugeMetricFamily(
+            "ingest_oldest_open_window_seconds",
+            "Age of the oldest open batch (window); absent when none is open",
+            labels=labels,
+        )
+        closed = GaugeMetricFamily(
+            "ingest_windows_awaiting_flush",
+            "Durable windows closed (due) and not yet flushed",
+            labels=labels,
+        )
+        for name, watched in self._watched.items():
+            for batcher, view in watched.pipeline.open_batches().items():
+                windows.add_metric([name, batcher], view["batches"])
+                messages.add_metric([name, batcher], view["messages"])
+                if view["oldest_s"] is not None:
+                    oldest.add_metric([name, batcher], view["oldest_s"])
+                if view.get("stored"):
+                    closed.add_metric([name, batcher], view["closed"])
+        yield from (windows, messages, oldest, closed)
 
 
 class _FrameCollector(Collector):

@@ -79,6 +79,9 @@ class PipelineSettings(BaseModel):
     # (0: one queue); a replica subscribes to those it does not own this much later.
     partitions: int = Field(default=0, ge=0, le=1000)
     standby_delay: PositiveFloat = 5.0
+    # notifications only: digest windows kept in the database (notifications acknowledged
+    # once stored) rather than in unacknowledged deliveries, bounded by the prefetch.
+    durable_windows: bool = True
 
     def processor_options(self, default: Processors) -> Processors:
         """The pipeline's processors with these settings applied."""

@@ -4,7 +4,7 @@ nothing across processes; `ingest.sql.SqlWindowStore` is the one to run)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -28,13 +28,15 @@ class _MemoryClaim:
     def __init__(self, windows: list[StoredWindow]) -> None:
         self._windows = windows
         self.outcomes: dict[str, tuple[float, str] | None] = {}  # None: done
+        self.dead_lettered: set[str] = set()
 
     @property
     def windows(self) -> Sequence[StoredWindow]:
         return self._windows
 
-    def done(self, window: StoredWindow) -> None:
+    def done(self, window: StoredWindow, dead_lettered: Collection[str] = ()) -> None:
         self.outcomes[window.id] = None
+        self.dead_lettered.update(dead_lettered)
 
     def retry(self, window: StoredWindow, not_before: float, reason: str) -> None:
         self.outcomes[window.id] = (not_before, reason)
@@ -132,6 +134,7 @@ class MemoryWindowStore:
             yield claim
             self._check()
             self._apply(closed, claim)
+            self._ids.get(batcher, set()).difference_update(claim.dead_lettered)
         finally:
             self._held.difference_update(w.id for w in claim.windows)
 

@@ -84,7 +84,7 @@ def durable(
 
 async def eventually(condition: Any, timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
-        while not condition():
+        while not condition():  # noqa: ASYNC110 - a condition of the pipeline's stages
             await asyncio.sleep(0.01)
 
 
@@ -135,9 +135,11 @@ async def test_a_claimed_window_is_not_claimed_again_until_released() -> None:
     rule = WindowRule(size=1, timeout=10.0)
     await store.append("b", [StoredMessage("k", "1", "{}", "m")], rule, now=0.0)
     await store.close_due("b", rule, now=0.0, limit=10)
-    async with store.claim("b", now=1.0, limit=10) as first:
-        async with store.claim("b", now=1.0, limit=10) as second:
-            assert (len(first.windows), len(second.windows)) == (1, 0)
+    async with (
+        store.claim("b", now=1.0, limit=10) as first,
+        store.claim("b", now=1.0, limit=10) as second,
+    ):
+        assert (len(first.windows), len(second.windows)) == (1, 0)
     # Released without an outcome: claimable again, the same window.
     async with store.claim("b", now=1.0, limit=10) as again:
         assert [w.id for w in again.windows] == [w.id for w in first.windows]
@@ -237,6 +239,17 @@ async def test_a_window_failing_past_its_attempts_goes_to_the_dead_letters_with_
     await eventually(lambda: not store.closed_windows("email"))
 
 
+async def test_a_dead_lettered_message_replayed_joins_a_window_again(
+    make_pipeline: MakePipeline,
+) -> None:
+    store, dead, handlers = MemoryWindowStore(), DeadLetters(), Digests()
+    pipeline = await make_pipeline(handlers, batchers=durable(store, dead, size=1))
+    await send_batch(pipeline, ["ann:bad"], metadata={"message_id": "m-1"})
+    await eventually(lambda: dead.messages)
+    await send_batch(pipeline, ["ann:bad"], metadata={"message_id": "m-1"})  # the replay
+    await eventually(lambda: len(handlers.batches) == 2)
+
+
 async def test_a_message_failed_on_purpose_is_dead_lettered_at_once_and_the_rest_done(
     make_pipeline: MakePipeline,
 ) -> None:
@@ -330,7 +343,8 @@ async def test_two_pipelines_on_one_store_handle_each_window_once(
     await eventually(lambda: sum(len(p) for h in (first, second) for p in h.payloads()) == 280)
     windows = [info.window for h in (first, second) for info, _, _ in h.batches]
     assert len(windows) == len(set(windows))
-    assert first.batches and second.batches
+    assert first.batches, "the first pipeline flushed nothing"
+    assert second.batches, "the second pipeline flushed nothing"
 
 
 async def test_stored_windows_outlive_the_pipeline_and_are_flushed_by_the_next(

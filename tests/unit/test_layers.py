@@ -1,7 +1,9 @@
-"""The three layers stay visible: the engine (`ingest`) imports neither the connector
-(`ingest.rabbitmq`) nor the service (`ingest.service`); the connector does not import the
-service; nothing under `ingest/` imports the hosted `pipelines`. Checked on the source, so
-an import inside a function counts too."""
+"""The layers stay visible: the engine (`ingest`) imports neither the connector
+(`ingest.rabbitmq`) nor the service (`ingest.service`), nor the SQL window store
+(`ingest.sql`) or SQLAlchemy; the connector does not import the service; the SQL store
+imports only the engine (never the connector or the service); nothing under `ingest/`
+imports the hosted `pipelines`. Checked on the source, so an import inside a function
+counts too."""
 
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ PACKAGE = Path(ingest.__file__).parent
 
 # For each layer, the packages its modules must not import.
 FORBIDDEN = {
-    "engine": ("ingest.rabbitmq", "ingest.service", "pipelines"),
+    "engine": ("ingest.rabbitmq", "ingest.service", "ingest.sql", "sqlalchemy", "pipelines"),
     "connector": ("ingest.service", "pipelines"),
+    "sql": ("ingest.rabbitmq", "ingest.service", "pipelines"),
     "service": ("pipelines",),
 }
 
@@ -25,9 +28,12 @@ FORBIDDEN = {
 def layer_of(path: Path) -> str:
     parts = path.relative_to(PACKAGE).parts
     # `python -m ingest` is the command line: the service's.
-    return {"rabbitmq": "connector", "service": "service", "__main__.py": "service"}.get(
-        parts[0], "engine"
-    )
+    return {
+        "rabbitmq": "connector",
+        "service": "service",
+        "sql": "sql",
+        "__main__.py": "service",
+    }.get(parts[0], "engine")
 
 
 def imported_modules(path: Path) -> list[str]:
