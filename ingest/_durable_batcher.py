@@ -53,6 +53,8 @@ class DurableBatcherStage:
         self.stage = f"batcher_{name}"
         self.windows: DurableWindows = options.windows
         self.rule = WindowRule(options.batch_size, options.batch_timeout)
+        # What one flusher closes at a time: enough for every flusher's next claim.
+        self.close_limit = options.concurrency * self.windows.claim_limit
         self.inbox = inbox
         self.wake = asyncio.Event()  # a window filled: flushers look at once
         self.stopped = asyncio.Event()  # no more appends: flushers end
@@ -167,9 +169,10 @@ def from_stored(stored: StoredMessage, batcher: str) -> Message:
 
 
 class Flusher:
-    """One of a durable batcher's `concurrency` flushers: closes due windows, claims some,
-    runs `handle_batch` on each and records its outcome, until the batcher stops. A store
-    that fails is logged, counted and tried again; it never ends the flusher."""
+    """One of a durable batcher's `concurrency` flushers: closes due windows, claims up to
+    `claim_limit`, runs `handle_batch` on each of them at once and records the outcomes,
+    until the batcher stops. A store that fails is logged, counted and tried again; it
+    never ends the flusher."""
 
     def __init__(self, stage: DurableBatcherStage, worker: str, keeps_view: bool) -> None:
         self.stage = stage
@@ -196,11 +199,13 @@ class Flusher:
         store, name = stage.windows.store, stage.name
         operation = "close"
         try:
-            await store.close_due(name, stage.rule, time.time(), stage.windows.claim_limit)
+            await store.close_due(name, stage.rule, time.time(), stage.close_limit)
             operation = "claim"
             async with store.claim(name, time.time(), stage.windows.claim_limit) as claim:
-                for window in claim.windows:
-                    await self._flush(claim, window)
+                # A claim's windows side by side: handle_batch mostly waits (a mail server).
+                async with asyncio.TaskGroup() as flushing:
+                    for window in claim.windows:
+                        flushing.create_task(self._flush(claim, window), name=self.worker)
                 claimed = len(claim.windows)
             if self.keeps_view and time.monotonic() - stage.viewed_at >= _VIEW_EVERY_S:
                 operation = "open_windows"

@@ -170,7 +170,7 @@ class DurableWindows:
         Batcher(
             batch_size=75,
             batch_timeout=10.0,
-            concurrency=5,  # flushers: windows handled at once by this process
+            concurrency=5,  # flushers, each handling its claim's windows at once
             windows=DurableWindows(store, dead_letters),
         )
 
@@ -179,9 +179,11 @@ class DurableWindows:
     `BatchInfo.window` set to the window's id. If it raises (or fails a message with an
     exception), the whole window is tried again after `delays` (the last one repeating),
     up to `max_attempts` in all; then its failed messages go to `dead_letters`. Messages
-    failed on purpose (`message.failed(reason)`) go there at once. `claim_limit` windows
-    are claimed at a time; other processes' windows are looked for every `poll_interval`
-    seconds (a window due by size in this process wakes its flushers at once).
+    failed on purpose (`message.failed(reason)`) go there at once. Each of the batcher's
+    `concurrency` flushers claims `claim_limit` windows at a time and handles them side by
+    side (so up to concurrency x claim_limit `handle_batch` calls at once); other
+    processes' windows are looked for every `poll_interval` seconds (a window due by size
+    in this process wakes its flushers at once).
     """
 
     store: WindowStore

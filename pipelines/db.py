@@ -173,7 +173,9 @@ class Database:
     On PostgreSQL the engine runs in autocommit (see POSTGRESQL): `engine.begin()` there
     is no transaction; code that needs one sets an isolation level first, as start() does."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, connections: int | None = None) -> None:
+        """`connections`: how many the pool keeps (PostgreSQL), for code that holds
+        several at once (the durable windows' claims); SQLAlchemy's default else (5)."""
         self.url = url
         parsed = make_url(url)
         dialect = parsed.get_backend_name()
@@ -184,7 +186,8 @@ class Database:
         self._sql = DIALECTS[dialect]
         if dialect == "sqlite" and parsed.database not in (None, "", ":memory:"):
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: AsyncEngine = create_async_engine(url, **self._sql.engine_options)
+        pool = {"pool_size": connections} if connections and dialect == "postgresql" else {}
+        self.engine: AsyncEngine = create_async_engine(url, **self._sql.engine_options, **pool)
         self._group_commit: GroupCommit | None = None
         if dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _configure_sqlite)

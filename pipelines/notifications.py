@@ -38,8 +38,15 @@ logger = structlog.get_logger("pipelines.notifications")
 
 QUEUE = "notifications_queue"
 RECIPIENT_HEADER = "recipient"
+# In-memory windows hold their notifications unacknowledged: the prefetch bounds them. With
+# durable windows, acknowledged once stored, it bounds only what is on its way to the
+# database (100: 4,925 msgs/s, 1,000: 9,069; docs/PERFORMANCE.md).
 PREFETCH = 100
+DURABLE_PREFETCH = 1_000
 BATCHERS = {"email": Batcher(batch_size=75, batch_timeout=10.0, concurrency=5)}
+# Each of the 5 flushers mails the windows of its claim side by side: 20 digests under way
+# keep a mail server busy, and at most 5 x 4 x 75 notifications are held in memory.
+CLAIM_LIMIT = 4
 RETRY = RetryPolicy(max_attempts=5, delays=(2.0, 10.0, 30.0, 60.0))
 
 
@@ -140,35 +147,25 @@ def by_recipient(message: Message) -> int:
 
 def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
     config = settings.pipeline("notifications")
-    db = Database(settings.database_url.get_secret_value())
+    # A file is read once and the service stops: windows kept for later would wait.
+    durable = config.durable_windows and source is None
     batchers = config.batcher_options(BATCHERS)
-    # One connection kept open per batch processor: each sends one digest at a time.
-    mailer = mailer_for(settings, connections=batchers["email"].concurrency)
+    flushers = batchers["email"].concurrency
+    # Each flusher's claim holds a connection (PostgreSQL), beside appends and lookups.
+    db = Database(settings.database_url.get_secret_value(), flushers + 5 if durable else None)
+    # One connection kept open per digest under way.
+    sending = flushers * CLAIM_LIMIT if durable else flushers
+    mailer = mailer_for(settings, connections=sending)
     producer: CsvFileProducer | RabbitMQProducer
     partitions = partitions_of(settings)
+    windows: Windows | None = None
     if source is not None:
         producer = CsvFileProducer(source)
     else:
-        queue = config.queue or QUEUE
-        options = RabbitMQOptions(
-            queue=queue,
-            declare=config.queue_declare(queue),
-            url=settings.amqp_url.get_secret_value(),
-            connection_name=client_name("ingest-notifications"),
-            prefetch_count=config.prefetch_count or PREFETCH,
-            retry=config.retry_policy(RETRY),
-            # headers: the recipient (partitions) and the publish time some carry (the
-            # live page's publish-to-ack latency)
-            metadata=("message_id", "redelivered", "headers"),
-        )
-        if partitions is not None:
-            options = partitions.consumer_options(
-                options, settings.replica(), config.queue_declare, config.standby_delay
-            )
-        producer = RabbitMQProducer(options)
-    windows = durable_windows(settings, db, producer) if config.durable_windows else None
-    if windows is not None:
-        batchers = {"email": replace(batchers["email"], windows=windows.options)}
+        producer = RabbitMQProducer(consumer_options(settings, partitions, durable))
+        if durable:
+            windows = durable_windows(settings, db, producer)
+            batchers = {"email": replace(batchers["email"], windows=windows.options)}
     pipeline = Pipeline(
         "notifications",
         NotificationHandlers(db, mailer, settings.mail_from, settings.max_body_bytes),
@@ -206,6 +203,30 @@ def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
     )
 
 
+def consumer_options(
+    settings: Settings, partitions: Partitions | None, durable: bool
+) -> RabbitMQOptions:
+    """How the notifications queue (or its partitions) is consumed."""
+    config = settings.pipeline("notifications")
+    queue = config.queue or QUEUE
+    options = RabbitMQOptions(
+        queue=queue,
+        declare=config.queue_declare(queue),
+        url=settings.amqp_url.get_secret_value(),
+        connection_name=client_name("ingest-notifications"),
+        prefetch_count=config.prefetch_count or (DURABLE_PREFETCH if durable else PREFETCH),
+        retry=config.retry_policy(RETRY),
+        # headers: the recipient (partitions) and the publish time some carry (the
+        # live page's publish-to-ack latency)
+        metadata=("message_id", "redelivered", "headers"),
+    )
+    if partitions is None:
+        return options
+    return partitions.consumer_options(
+        options, settings.replica(), config.queue_declare, config.standby_delay
+    )
+
+
 @dataclass(frozen=True)
 class Windows:
     """The digests' durable windows and what they hold open."""
@@ -219,14 +240,9 @@ class Windows:
         await self.store.close()
 
 
-def durable_windows(
-    settings: Settings, db: Database, producer: CsvFileProducer | RabbitMQProducer
-) -> Windows | None:
+def durable_windows(settings: Settings, db: Database, producer: RabbitMQProducer) -> Windows:
     """Digest windows kept in the pipeline's database, their dead letters published to the
-    queue's dead-letter queue (the first partition's, when partitioned); None for a file,
-    which the service stops reading once done (its windows would wait for the next run)."""
-    if not isinstance(producer, RabbitMQProducer):
-        return None
+    queue's dead-letter queue (the first partition's, when partitioned)."""
     consumed = producer.options.for_producer(0)
     store = SqlWindowStore(db.engine)
     publisher = Publisher(
@@ -239,7 +255,11 @@ def durable_windows(
     )
     retry = settings.pipeline("notifications").retry_policy(RETRY)
     options = DurableWindows(
-        store, dead_letters, max_attempts=retry.max_attempts, delays=retry.delays
+        store,
+        dead_letters,
+        max_attempts=retry.max_attempts,
+        delays=retry.delays,
+        claim_limit=CLAIM_LIMIT,
     )
     return Windows(options, store, publisher)
 
