@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +254,21 @@ class Probe:
         if "postgres" in self._spent:
             row["postgres_cpu_us_per_msg"] = per_message(self._spent["postgres"])
         return {**row, **extra}
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(kind: str, postgres_url: str) -> AsyncIterator[str]:
+    """The URL of an empty SQLite file (`kind` "sqlite") or of a PostgreSQL database made
+    on the server of `postgres_url`; removed, or dropped, after."""
+    if kind == "sqlite":
+        with tempfile.TemporaryDirectory() as directory:
+            yield f"sqlite+aiosqlite:///{directory}/bench.db"
+        return
+    from sqlalchemy.engine import make_url
+
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+    await _postgres_execute(postgres_url, f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        await _postgres_execute(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

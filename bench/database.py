@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -22,10 +21,8 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
+from _common import scratch_database
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
 
 from pipelines.db import Database, TicketRow
 
@@ -37,31 +34,13 @@ LOOKUP_CHUNK = 50  # the processors' max_demand: one emails_of per chunk
 @asynccontextmanager
 async def database(kind: str) -> AsyncIterator[Database]:
     """A started Database on an empty SQLite file or a fresh PostgreSQL database."""
-    if kind == "sqlite":
-        with tempfile.TemporaryDirectory() as directory:
-            db = Database(f"sqlite+aiosqlite:///{directory}/tickets.db")
-            await db.start()
-            try:
-                yield db
-            finally:
-                await db.close()
-        return
-    base = make_url(os.environ.get("INGEST_DATABASE_URL") or POSTGRES_URL)
-    name = f"ingest_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_async_engine(base, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    async with admin.connect() as connection:
-        await connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        db = Database(base.set(database=name).render_as_string(hide_password=False))
+    async with scratch_database(kind, os.environ.get("INGEST_DATABASE_URL") or POSTGRES_URL) as url:
+        db = Database(url)
         await db.start()
         try:
             yield db
         finally:
             await db.close()
-    finally:
-        async with admin.connect() as connection:
-            await connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.dispose()
 
 
 async def measure(

@@ -16,16 +16,13 @@ import asyncio
 import json
 import os
 import random
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
+from _common import scratch_database
 
 from ingest.sql import SqlWindowStore
 from ingest.windows import StoredMessage, WindowRule
@@ -41,31 +38,13 @@ BATCHER = "bench"
 @asynccontextmanager
 async def window_store(kind: str) -> AsyncIterator[SqlWindowStore]:
     """A started store on an empty SQLite file or a fresh PostgreSQL database."""
-    if kind == "sqlite":
-        with tempfile.TemporaryDirectory() as directory:
-            store = SqlWindowStore(f"sqlite+aiosqlite:///{directory}/windows.db")
-            await store.start()
-            try:
-                yield store
-            finally:
-                await store.close()
-        return
-    base = make_url(os.environ.get("INGEST_DATABASE_URL") or POSTGRES_URL)
-    name = f"ingest_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_async_engine(base, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    async with admin.connect() as connection:
-        await connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        store = SqlWindowStore(base.set(database=name).render_as_string(hide_password=False))
+    async with scratch_database(kind, os.environ.get("INGEST_DATABASE_URL") or POSTGRES_URL) as url:
+        store = SqlWindowStore(url)
         await store.start()
         try:
             yield store
         finally:
             await store.close()
-    finally:
-        async with admin.connect() as connection:
-            await connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.dispose()
 
 
 def chunks(count: int) -> list[list[StoredMessage]]:

@@ -29,10 +29,16 @@ class Inbox:
 
     messages: list[EmailMessage] = field(default_factory=list)
     delay: float = 0.0  # seconds each message takes, for a slow mail server
+    delay_after_first: float | None = None  # the same, for every message but the first
+    _arrived: int = 0
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        self._arrived += 1
+        delay = self.delay
+        if self.delay_after_first is not None and self._arrived > 1:
+            delay = self.delay_after_first
+        if delay:
+            await asyncio.sleep(delay)
         self.messages.append(message_from_bytes(envelope.content))
         return "250 OK"
 

@@ -265,7 +265,13 @@ class Ledger:
         return [row[0] for row in self._query("select message_id from tickets")]
 
     def notified_ids(self) -> set[str]:
-        return {row[0] for row in self._query("select message_id from notifications_sent")}
+        """Notifications mailed: those of windows done (durable windows, the default: done
+        once the mail server accepted the digest) and those recorded as sent (in-memory)."""
+        return {
+            row[0]
+            for table in ("ingest_window_done", "notifications_sent")
+            for row in self._query(f"select message_id from {table}")
+        }
 
 
 async def publish_bookings(broker: Broker, queue: str, ids: list[str]) -> None:
