@@ -19,7 +19,7 @@ import aiormq
 
 from ingest.rabbitmq import REASON_HEADER, OutgoingMessage, Publisher
 from tests.reliability.harness import ServiceProcess
-from tests.support import postgres_through_a_proxy
+from tests.support import TcpProxy, postgres_through_a_proxy
 
 from .conftest import Broker, drain_queue, eventually, queue_depth
 from .service import SmtpServer, metric, run_cli, running_service, smtp_server
@@ -219,6 +219,13 @@ async def test_a_database_cut_off_holds_the_intake_and_loses_nothing(
     broker: Broker, queue_name: str, database_url: str
 ) -> None:
     proxy, proxied = await postgres_through_a_proxy(database_url)
+    try:
+        await _outage(broker, queue_name, proxy, proxied)
+    finally:
+        await proxy.cut()  # its listening socket too
+
+
+async def _outage(broker: Broker, queue_name: str, proxy: TcpProxy, proxied: str) -> None:
     settings = service_settings(broker, queue_name, proxied, batch_timeout=1.0)
     settings["pipelines"]["notifications"]["circuit_breaker"] = {"open_delay": 1.0}
     async with (
