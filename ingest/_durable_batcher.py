@@ -108,14 +108,16 @@ class DurableBatcherStage:
             # counts it, and holds the intake while the store is down).
             for message in stored:
                 fail_with_exception(message, exc, "window store append")
-            self._emit_store_failure("append", exc, stored)
+            self.report_store_failure("append", exc, stored)
             await rt.settle(self.stage, "batcher", [], [*stored, *unstorable])
             return
         await rt.settle(self.stage, "batcher", stored, unstorable)
 
-    def _emit_store_failure(
+    def report_store_failure(
         self, operation: str, exc: BaseException, messages: list[Message] | None = None
     ) -> None:
+        """A store call (or the dead-letter sink) failed: a log line and a
+        `window.exception` event (the metrics count it)."""
         logger.warning(
             "window store failed",
             pipeline=self.rt.pipeline,
@@ -214,7 +216,7 @@ class Flusher:
         except (Exception, asyncio.CancelledError) as exc:
             reraise_own_cancellation(exc)
             self._failures += 1
-            stage._emit_store_failure(operation, exc)
+            stage.report_store_failure(operation, exc)
             return 0
         self._failures = 0
         return claimed
@@ -242,7 +244,7 @@ class Flusher:
             except (Exception, asyncio.CancelledError) as exc:
                 reraise_own_cancellation(exc)
                 # Kept, and tried again later: the window is not done until they are safe.
-                stage._emit_store_failure("dead_letter", exc, failed)
+                stage.report_store_failure("dead_letter", exc, failed)
                 claim.retry(window, time.time() + stage.windows.delay(attempt), repr(exc))
                 return
         claim.done(window, {str(m.metadata.get("message_id")) for m in failed})
