@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ingest.sql._claim import HeldWindows, trigger_of
@@ -25,6 +26,9 @@ from ingest.sql._schema import metadata
 from ingest.windows import Claim, OpenWindows, StoredMessage, StoredWindow, WindowRule
 
 __all__ = ["SqliteWindows"]
+
+# How many times start() tries a database that is locked while others open it too.
+START_ATTEMPTS = 10
 
 # No seq is past it: the bound of a key with fewer open messages than a window holds.
 LAST_SEQ_EVER = 2**63 - 1
@@ -169,9 +173,19 @@ class SqliteWindows:
 
     async def start(self) -> None:
         """Create the tables and indexes if missing, holding the write lock, so that
-        processes starting at once create them once."""
-        async with self._immediate() as connection:
-            await connection.run_sync(metadata.create_all)
+        processes starting at once create them once. Connections opening a new database
+        at once may be told "database is locked" without waiting (its switch to WAL takes
+        an exclusive lock, for which SQLite's busy handler does not always wait): tried
+        again, a little later each time."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                async with self._immediate() as connection:
+                    await connection.run_sync(metadata.create_all)
+                return
+            except OperationalError as error:
+                if "locked" not in str(error) or attempt == START_ATTEMPTS:
+                    raise
+            await asyncio.sleep(0.05 * attempt)
 
     async def close(self) -> None:
         self._flush_lock.release()
