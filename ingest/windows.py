@@ -84,7 +84,7 @@ class WindowRule:
 @dataclass(frozen=True, slots=True)
 class StoredWindow:
     """A closed window as a claim hands it out: its id (the same on every attempt, so an
-    effect derived from it — a digest's Message-ID — is the same when repeated), its
+    effect derived from it — an email's Message-ID — is the same when repeated), its
     members in the order they were appended, and how many flushes of it failed before."""
 
     id: str

@@ -28,7 +28,7 @@ class PublishedDeadLetters:
     values as JSON: the payload as the pipeline stored it), the headers those it arrived
     with plus the failure, `QUEUE_HEADER` naming `queue` for a replay::
 
-        sink = PublishedDeadLetters(publisher, "notifications_queue.dlq", "notifications_queue")
+        sink = PublishedDeadLetters(publisher, "orders.dlq", "orders")
     """
 
     def __init__(self, publisher: Publisher, dead_letter_queue: str, queue: str) -> None:
