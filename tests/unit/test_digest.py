@@ -14,7 +14,7 @@ def sent(recipient: str, events: list[str]) -> email.message.EmailMessage:
         (f"b-{i}/notification", Notification("email", recipient, {"event": event}))
         for i, event in enumerate(events)
     ]
-    raw = bytes(digest("ingest@example.com", recipient, notifications))
+    raw = digest("ingest@example.com", recipient, notifications).data
     parsed = email.message_from_bytes(raw, policy=policy.default)
     assert isinstance(parsed, email.message.EmailMessage)
     return parsed
