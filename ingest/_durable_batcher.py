@@ -5,10 +5,10 @@ due windows, claim them and run `handle_batch` on them."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
+import orjson
 import structlog
 
 from ingest._batch_processor import call_handle_batch, emit_batch_stop
@@ -140,16 +140,27 @@ class DurableBatcherStage:
 
 
 def to_stored(message: Message) -> StoredMessage:
-    """A message as the store keeps it; TypeError or ValueError if its data is not JSON.
-    Metadata always is: what JSON has no type for (bytes, dates) is kept as text."""
+    """A message as the store keeps it; TypeError if its data is not JSON (strings,
+    numbers, booleans, None, lists, dicts with string keys: what comes back as it went,
+    so a date, a dataclass or an integer key is refused, not turned into text). Metadata
+    always is: what JSON has no type for (bytes, dates) is kept as text.
+
+    orjson, not the json module: a sixth of the CPU of a small notification went to
+    writing and reading these two texts (2.8 µs against 0.2 to write metadata)."""
     metadata = message.metadata
     message_id = metadata.get("message_id")
     return StoredMessage(
         str(message.batch_key),
-        json.dumps(message.data),
-        json.dumps(metadata, default=_as_text),
+        orjson.dumps(message.data, option=_STRICT).decode(),
+        orjson.dumps(metadata, default=_as_text, option=_NON_STR_KEYS).decode(),
         message_id if isinstance(message_id, str) and message_id else None,
     )
+
+
+# Dates and dataclasses go to `default` (there is none for data: refused); integer keys
+# of metadata become text.
+_STRICT = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+_NON_STR_KEYS = _STRICT | orjson.OPT_NON_STR_KEYS
 
 
 def _as_text(value: object) -> str:
@@ -162,9 +173,9 @@ def from_stored(stored: StoredMessage, batcher: str) -> Message:
     """The message `handle_batch` gets back: settled by the window's claim, not by an
     acknowledger (the broker's copy was acknowledged when stored)."""
     return Message(
-        json.loads(stored.data),
+        orjson.loads(stored.data),
         NOOP_ACKNOWLEDGER,
-        metadata=json.loads(stored.metadata),
+        metadata=orjson.loads(stored.metadata),
         batcher=batcher,
         batch_key=stored.batch_key,
     )

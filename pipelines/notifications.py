@@ -43,10 +43,10 @@ RECIPIENT_HEADER = "recipient"
 # database (100: 4,925 msgs/s, 1,000: 9,069; docs/PERFORMANCE.md).
 PREFETCH = 100
 DURABLE_PREFETCH = 1_000
-BATCHERS = {"email": Batcher(batch_size=75, batch_timeout=10.0, concurrency=5)}
+BATCHERS = {"email": Batcher(batch_size=75, batch_timeout=10.0, concurrency=2)}
 # Each of the 5 flushers mails the windows of its claim side by side: 20 digests under way
 # keep a mail server busy, and at most 5 x 4 x 75 notifications are held in memory.
-CLAIM_LIMIT = 4
+CLAIM_LIMIT = 10
 RETRY = RetryPolicy(max_attempts=5, delays=(2.0, 10.0, 30.0, 60.0))
 
 

@@ -209,7 +209,10 @@ _LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
 def _dot_stuffed(data: bytes) -> bytes:
     """The message as DATA carries it: CRLF line ends, a leading dot doubled, the end
     marker after a final line end."""
-    data = _LEADING_DOT.sub(b"..", _LINE_ENDS.sub(b"\r\n", data))
+    if data.count(b"\n") != data.count(b"\r\n") or data.count(b"\r") != data.count(b"\r\n"):
+        data = _LINE_ENDS.sub(b"\r\n", data)
+    if data.startswith(b".") or b"\n." in data:
+        data = _LEADING_DOT.sub(b"..", data)
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data + b".\r\n"

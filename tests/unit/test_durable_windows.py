@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -310,23 +311,31 @@ async def test_an_open_circuit_holds_the_intake_while_the_store_is_down(
     assert "circuit open" in pipeline.holds
 
 
+@pytest.mark.parametrize(
+    ("unstorable", "reason"),
+    [
+        ({1, 2}, "Type is not JSON serializable: set"),
+        # What would not come back as it went is refused too, not turned into text.
+        ({"at": datetime(2026, 12, 4)}, "Type is not JSON serializable: datetime.datetime"),
+        ({1: "one"}, "Dict key must be str"),
+    ],
+    ids=["set", "date", "integer key"],
+)
 async def test_data_that_cannot_be_stored_fails_that_message_only(
-    make_pipeline: MakePipeline,
+    make_pipeline: MakePipeline, unstorable: Any, reason: str
 ) -> None:
     class Unstorable(Digests):
         async def handle_message(self, processor: str, message: Message, context: Any) -> Message:
             message = await super().handle_message(processor, message, context)
-            if message.data["payload"] == "set":
-                message.data = {1, 2}
+            if message.data["payload"] == "bad":
+                message.data = unstorable
             return message
 
     store = MemoryWindowStore()
     pipeline = await make_pipeline(Unstorable(), batchers=durable(store))
-    result = await send_batch(pipeline, ["ann:set", "ann:ok"])
+    result = await send_batch(pipeline, ["ann:bad", "ann:ok"])
     assert len(result.successful) == 1
-    assert result.failed_reasons == [
-        "storing the data as JSON raised TypeError: Object of type set is not JSON serializable"
-    ]
+    assert result.failed_reasons == [f"storing the data as JSON raised TypeError: {reason}"]
 
 
 async def test_two_pipelines_on_one_store_handle_each_window_once(
