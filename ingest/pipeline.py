@@ -286,6 +286,12 @@ class Pipeline:
                     {
                         "batch_size": options.max_messages or "custom",
                         "batch_timeout": options.batch_timeout,
+                        # Durable: its batch processors are flushers, each claiming this many.
+                        **(
+                            {"windows": "stored", "claim_limit": options.windows.claim_limit}
+                            if options.windows is not None
+                            else {}
+                        ),
                     },
                 )
                 for name, options in self.batchers.items()

@@ -139,7 +139,9 @@ async def test_topology_prints_every_pipeline(tmp_path: Path) -> None:
     code, out, _ = await ingest("topology", environment=env(tmp_path))
     assert code == 0
     assert "bookings\n├─ producer RabbitMQProducer (concurrency=1)" in out
-    assert "└─ batcher 'email' (concurrency=5, batch_size=75, batch_timeout=10.0)" in out
+    # The notifications' durable windows: two flushers claiming ten windows each.
+    email = "(concurrency=2, batch_size=75, batch_timeout=10.0, windows=stored, claim_limit=10)"
+    assert f"└─ batcher 'email' {email}" in out
 
 
 @pytest.mark.parametrize(
