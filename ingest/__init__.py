@@ -16,6 +16,7 @@ from ingest.options import (
 from ingest.pipeline import Pipeline
 from ingest.producer import Producer, Sink
 from ingest.producers.memory import InMemoryProducer
+from ingest.text import bounded
 from ingest.topology import StageGroup, Topology
 
 __all__ = [
@@ -44,5 +45,6 @@ __all__ = [
     "StageGroup",
     "Status",
     "Topology",
+    "bounded",
     "byte_budget",
 ]

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+from ingest.text import bounded
+
 if TYPE_CHECKING:
     from ingest.acknowledger import Acknowledger
 
@@ -31,11 +33,16 @@ class Failed:
     """A message marked failed on purpose, by `Message.failed(reason)` or by the engine.
 
     `reason` is what dead letters, logs and metrics show; `exception` is set when an
-    exception caused the failure.
+    exception caused the failure. A reason may quote what arrived (a 65,000-character
+    field), and every view of the failure repeats it: it is kept `bounded` (500
+    characters at most, the cut marked with how much was left out).
     """
 
     reason: str
     exception: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reason", bounded(self.reason))
 
 
 Status = Ok | Failed

@@ -13,7 +13,9 @@ to the work queue with publisher confirms — with its message_id (an idempotent
 still holds) and its attempts reset — and acknowledges it in the dead-letter queue only
 once its copy is confirmed: a crash in the middle loses nothing and at worst replays one
 twice. Both read the reasons `ingest` writes and those of the broker's own dead-lettering
-(`x-death`: a quorum queue's delivery limit, an expiry).
+(`x-death`: a quorum queue's delivery limit, an expiry); what a dead letter shows of its
+headers is bounded (ingest.text: another tool may have written any reason), so a reason
+filter matches within what is shown.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ingest.rabbitmq.acknowledger import (
     QUEUE_HEADER,
     REASON_HEADER,
 )
+from ingest.text import bounded
 
 # What a replayed copy leaves behind: the failure it had; its attempts start again.
 FAILURE_HEADERS = (ATTEMPTS_HEADER, REASON_HEADER, EXCEPTION_HEADER, FAILED_AT_HEADER, "x-death")
@@ -253,6 +256,7 @@ def _replay_properties(message: DeliveredMessage) -> spec.Basic.Properties:
 
 
 def _text(value: Any) -> str:
+    """A header's value as a bounded text, bytes decoded ("" for none)."""
     if isinstance(value, bytes | bytearray):
-        return bytes(value).decode("utf-8", "backslashreplace")
-    return "" if value is None else str(value)
+        return bounded(bytes(value).decode("utf-8", "backslashreplace"))
+    return "" if value is None else bounded(str(value))

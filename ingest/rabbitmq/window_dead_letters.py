@@ -17,9 +17,7 @@ from ingest.rabbitmq.acknowledger import (
     REASON_HEADER,
 )
 from ingest.rabbitmq.publisher import OutgoingMessage, Publisher
-
-# What a dead letter's headers keep of a reason (the acknowledger's bound too).
-REASON_MAX_CHARS = 1000
+from ingest.text import bounded
 
 
 class PublishedDeadLetters:
@@ -46,7 +44,7 @@ class PublishedDeadLetters:
         status = message.status
         reason = status.reason if isinstance(status, Failed) else "failed"
         headers = _plain(metadata.get("headers"))
-        headers[REASON_HEADER] = _encodable(reason[:REASON_MAX_CHARS])
+        headers[REASON_HEADER] = _encodable(bounded(reason))
         if isinstance(status, Failed) and status.exception is not None:
             headers[EXCEPTION_HEADER] = type(status.exception).__qualname__
         headers[QUEUE_HEADER] = self.queue
@@ -64,7 +62,7 @@ class PublishedDeadLetters:
             body,
             self.dead_letter_queue,
             **(
-                {"message_id": _encodable(message_id)[:255]}
+                {"message_id": _short_string(message_id)}
                 if isinstance(message_id, str) and message_id
                 else {}
             ),
@@ -95,3 +93,9 @@ def _encodable(text: str) -> str:
     """`text` with what UTF-8 cannot encode (a lone surrogate, from bytes that were not
     UTF-8) escaped."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _short_string(text: str) -> str:
+    """`text`, encodable, cut to the 255 bytes of UTF-8 an AMQP short string holds (a
+    longer message_id would make the publish fail, and the window loop)."""
+    return _encodable(text).encode()[:255].decode("utf-8", "ignore")

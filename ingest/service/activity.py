@@ -8,7 +8,11 @@ publish-to-ack latency over the last minute (of the messages stamped by a Publis
 the oldest, the busiest keys), the pipeline's state (running, paused, circuit,
 restarts, in flight against the prefetch and where open batches close early, readiness,
 each consumer's connection), its topology and its queues' depths: the JSON of
-`GET /api/snapshot` and of each `GET /events` message."""
+`GET /api/snapshot` and of each `GET /events` message.
+
+What it keeps of the input is bounded (message ids here, reasons by `Failed`; see
+ingest.text), so that the snapshot, sent once a second to every open page, stays small
+whatever arrives."""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from ingest.events import Event, EventKind
 from ingest.pipeline import Pipeline
 from ingest.rabbitmq.producer import RabbitMQProducer
 from ingest.rabbitmq.publisher import PUBLISHED_AT_HEADER
+from ingest.text import bounded
 
 HISTORY_S = 15 * 60
 FAILURES_KEPT = 50
@@ -159,7 +164,7 @@ class Activity:
                     {
                         "time": when,
                         "message_id": _text(message.metadata.get("message_id")),
-                        "reason": message.failure_reason,
+                        "reason": message.failure_reason,  # bounded by `Failed`
                         "stage": event.stage,
                     }
                 )
@@ -178,7 +183,8 @@ def snapshot(
         pipelines[name] = {
             "state": pipeline.state,
             "ready": not_ready[name]() is None,
-            "not_ready": not_ready[name](),
+            # A failed pipeline's reason may quote an exception's message, hence input.
+            "not_ready": _text(not_ready[name]()),
             "paused": pipeline.paused,
             "holds": sorted(pipeline.holds),
             "circuit": pipeline.circuit_state,
@@ -206,8 +212,9 @@ def _consumers_ready(pipeline: Pipeline) -> list[bool]:
 
 
 def _text(value: Any) -> str | None:
+    """`value` as a bounded text (bytes decoded), None kept."""
     if value is None:
         return None
     if isinstance(value, bytes):
-        return value.decode("utf-8", "backslashreplace")
-    return str(value)
+        return bounded(value.decode("utf-8", "backslashreplace"))
+    return bounded(str(value))

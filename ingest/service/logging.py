@@ -1,15 +1,18 @@
 """Logging: structlog configured once for the service, JSON in containers, console for
-humans; the standard library's loggers (aiormq, asyncio) go through the same renderer."""
+humans; the standard library's loggers (aiormq, asyncio) go through the same renderer.
+Every text in a line is bounded and its control characters escaped (`safe_text`)."""
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
 
 from ingest.events import Event, EventKind
+from ingest.text import bounded, escaped
 
 
 def configure_logging(
@@ -19,6 +22,7 @@ def configure_logging(
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        safe_text,  # before the tracebacks are rendered: their lines are the code's
     ]
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
@@ -51,6 +55,27 @@ def configure_logging(
     # aiormq logs every forced close as an error with a traceback; the connector logs the
     # loss once, plainly, so aiormq speaks only when debugging.
     logging.getLogger("aiormq").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
+
+
+def safe_text(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """A processor making each text of a line safe to print: `bounded`, and `escaped` so
+    that input (a reason quoting a payload, a peer's words in aiormq's messages) can
+    neither forge a line (CR, LF), nor drive the terminal that shows it (ESC), nor make a
+    line huge. Values inside lists, tuples and dicts are made safe too; JSON lines stay
+    JSON, the escapes in them as text (`jq -r` prints them inert too)."""
+    for key, value in event_dict.items():
+        event_dict[key] = _safe(value)
+    return event_dict
+
+
+def _safe(value: Any) -> Any:
+    if isinstance(value, str):
+        return escaped(bounded(value))
+    if type(value) in (list, tuple):
+        return type(value)(_safe(item) for item in value)
+    if type(value) is dict:
+        return {_safe(key): _safe(item) for key, item in value.items()}
+    return value
 
 
 # The events `log_failures` reads: subscribe it to these only, so that successful

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,37 +16,17 @@ from typing import Any
 
 import aiormq
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, expect
 from sqlalchemy import insert, select
 
 from ingest.rabbitmq import PUBLISHED_AT_HEADER
 from pipelines.db import tickets, users
+from tests.browser.conftest import ROOT, screenshot
 from tests.integration.service import RunningService, local_service, publish_from_ui
 from tests.integration.uploads import BAD_ROWS, attachment_rows, bookings_csv, reports
 from tests.support import Broker, eventually
 
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "var" / "artifacts"
 TOKEN = "page-admin-token"
-
-
-def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
-        pytest.skip("Debian's chromium is not installed")
-    return path
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(
-            executable_path=chromium(), args=["--no-sandbox"], headless=True
-        )
-        yield launched
-        await launched.close()
 
 
 @pytest.fixture
@@ -61,11 +40,6 @@ async def service(broker: Broker, queue_name: str, tmp_path: Any) -> AsyncIterat
         upload_dir=tmp_path / "uploads",
     ) as running:
         yield running
-
-
-async def screenshot(page: Page, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
 async def test_the_page_shows_both_pipelines_and_moves_with_the_bookings(

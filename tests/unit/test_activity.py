@@ -18,6 +18,7 @@ from ingest.service.activity import (
     snapshot,
 )
 from ingest.testing import push_messages
+from ingest.text import TEXT_LIMIT
 from tests.support import eventually
 
 from .conftest import MakePipeline
@@ -86,6 +87,40 @@ async def test_the_snapshot_is_json_with_state_topology_and_queues(
     # The in-memory producer bounds nothing and has no consumers.
     assert (view["close_early_at"], view["consumers_ready"]) == (None, [])
     assert [group["name"] for group in view["topology"]["batchers"]] == ["b"]
+
+
+class QuotesTheInput(Handlers):
+    async def handle_message(self, processor: str, message: Message, context: Any) -> Message:
+        return message.failed(f"unsupported type {message.data!r}")
+
+
+async def test_the_failures_keep_a_bounded_message_id_and_reason(
+    make_pipeline: MakePipeline,
+) -> None:
+    """A failure quoting a 65,000-character field is kept, and sent in each snapshot, as
+    at most TEXT_LIMIT characters; so is a message_id that long (a file's, say)."""
+    pipeline = await make_pipeline(QuotesTheInput())
+    activity = Activity(pipeline)
+    huge = "x" * 65_000
+    for message_id in (huge, huge.encode()):
+        await (await push_messages(pipeline, [huge], metadata={"message_id": message_id})).wait()
+    assert len(activity.failures) == 2
+    for failure in activity.failures:
+        assert failure["message_id"].startswith("xxx")
+        assert failure["reason"].startswith("unsupported type 'xxx")
+        assert len(failure["message_id"]) == len(failure["reason"]) == TEXT_LIMIT
+
+
+async def test_the_snapshot_bounds_why_a_pipeline_is_not_ready(
+    make_pipeline: MakePipeline,
+) -> None:
+    """A failed pipeline says why with its exception's message, which may quote input."""
+    activity = Activity(await make_pipeline(Some()))
+    why = "failed: handle_batch raised ValueError: " + "x" * 65_000
+    view = snapshot({"test": activity}, {"test": lambda: why}, {"test": None}, {})
+    not_ready = view["pipelines"]["test"]["not_ready"]
+    assert not_ready.startswith("failed: handle_batch raised ValueError: xxx")
+    assert len(not_ready) == TEXT_LIMIT
 
 
 class ByKey(Handlers):
