@@ -10,6 +10,7 @@ from ingest.exceptions import ConfigurationError
 from ingest.rabbitmq.dead_letters import DeadLetter, DeadLetters
 from ingest.service.progress import ProgressBar
 from ingest.service.settings import Settings
+from ingest.text import escaped
 
 PREVIEW = 40
 
@@ -34,8 +35,8 @@ def row(letter: DeadLetter) -> dict[str, Any]:
 
 
 def preview(body: bytes) -> str:
-    text = body.decode("utf-8", "backslashreplace").replace("\n", "\\n").replace("\r", "\\r")
-    return text if len(text) <= PREVIEW else text[: PREVIEW - 1] + "…"
+    """The payload's start, on one line (its control characters escaped)."""
+    return _cut(body.decode("utf-8", "backslashreplace"), PREVIEW)
 
 
 def table(letters: list[DeadLetter]) -> str:
@@ -92,4 +93,6 @@ async def purge(dead: DeadLetters, yes: bool) -> int:
 
 
 def _cut(text: str, width: int) -> str:
+    """`text` escaped (what a terminal would obey: ESC, CR, LF) and cut to `width`."""
+    text = escaped(text)
     return text if len(text) <= width else text[: width - 1] + "…"

@@ -181,3 +181,34 @@ async def dead_lettered(
 
 async def _depth_is(channel: aiormq.abc.AbstractChannel, queue: str, count: int) -> bool:
     return await queue_depth(channel, queue) == count
+
+
+async def test_show_lists_the_oldest_first_the_same_every_time(
+    broker: Broker, queue_name: str, amqp: aiormq.abc.AbstractChannel
+) -> None:
+    """A quorum `.dlq` puts back what `show` took in an order of its own: `show` lists by
+    when each failed, so looking twice gives the same list, and looking costs nothing."""
+    queue = f"{queue_name}-ordered"
+    dlq = f"{queue}.dlq"
+    await amqp.queue_declare(dlq, durable=True, arguments={"x-queue-type": "quorum"})
+    failed_at = 1_764_000_000
+    for n in range(300):  # published newest first: the queue's order is not the age's
+        await amqp.basic_publish(
+            f"payload {n}".encode(),
+            routing_key=dlq,
+            properties=aiormq.spec.Basic.Properties(
+                message_id=f"m-{n:03d}",
+                headers={REASON_HEADER: "database down", "x-ingest-failed-at": failed_at - n},
+            ),
+        )
+    await eventually(lambda: _depth_is(amqp, dlq, 300), timeout=15)
+    oldest = [f"m-{n:03d}" for n in range(299, 279, -1)]
+    async with DeadLetters(broker.amqp_url, queue) as dead:
+        for _ in range(3):
+            shown = await dead.show(limit=20)
+            assert [letter.message_id for letter in shown] == oldest
+            assert [letter.failed_at.timestamp() for letter in shown if letter.failed_at] == [
+                failed_at - n for n in range(299, 279, -1)
+            ]
+        assert await dead.count() == 300
+    await amqp.queue_delete(dlq)
