@@ -150,3 +150,20 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> Non
     while not condition():
         assert loop.time() < deadline
         await asyncio.sleep(0.05)
+
+
+async def test_a_server_that_does_not_speak_smtp_is_a_disconnection() -> None:
+    async def web_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(web_server, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(SmtpDisconnected, match=r"not an SMTP reply: 'HTTP/1\.1 400"):
+            await connect(port)
+    finally:
+        server.close()
+        await server.wait_closed()
