@@ -10,6 +10,7 @@ __all__ = [
     "PipelineFailed",
     "ProducerNotRunning",
     "PublishError",
+    "ReportDeferred",
     "StageCrashed",
     "StartupError",
     "Unroutable",
@@ -84,3 +85,9 @@ class UploadRejected(IngestError):
     def __init__(self, message: str, *, too_large: bool = False) -> None:
         super().__init__(message)
         self.too_large = too_large
+
+
+class ReportDeferred(IngestError):
+    """Raised by an upload's report (`FileProcessing.report`) when it may go later: the
+    mail server is down, unreachable or refused it for now (SMTP 4xx). It is tried again;
+    any other exception fails the upload at once."""

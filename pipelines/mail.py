@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 from ingest.service.settings import Settings
 from pipelines.payloads import Notification
-from pipelines.smtp import SmtpConnection, SmtpDisconnected
+from pipelines.smtp import SmtpConnection, SmtpDisconnected, envelope_address
 
 # A larger errors CSV stays on the server (GET /uploads/<id>/errors.csv): mail servers
 # commonly refuse messages over 10-25 MB.
@@ -29,12 +29,18 @@ ATTACHMENT_MAX_BYTES = 5 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Email:
-    """An email ready to go: its envelope and its bytes (RFC 5322, CRLF line ends)."""
+    """An email ready to go: its envelope and its bytes (RFC 5322, CRLF line ends).
+    ValueError for an envelope address an SMTP command cannot carry (a line break, a
+    comma: `envelope_address`), whatever let it through before."""
 
     sender: str
     recipient: str
     message_id: str
     data: bytes
+
+    def __post_init__(self) -> None:
+        envelope_address(self.sender)
+        envelope_address(self.recipient)
 
 
 class Mailer(Protocol):

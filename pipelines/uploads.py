@@ -8,9 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ingest import Pipeline
+from ingest.exceptions import ReportDeferred
 from ingest.producers.csv_file import CsvFileProducer
 from ingest.service.spool import Upload
 from pipelines.mail import Mailer, upload_report
+from pipelines.smtp import SmtpError
 
 
 class FileUploads:
@@ -32,11 +34,21 @@ class FileUploads:
         return self.make_pipeline(name, producer)
 
     async def report(self, upload: Upload, errors: Path | None) -> None:
+        """Mail the report. ReportDeferred when the mail server may take it later (it is
+        down or unreachable, or refused it for now: 4xx); what can never go raises as it
+        is: a permanent refusal (5xx), a value the email cannot carry (ValueError)."""
         attachment = (errors, f"{Path(upload.filename).stem}.errors.csv") if errors else None
         message = await asyncio.to_thread(
             upload_report, self.sender, upload.email, summary(upload), subject(upload), attachment
         )
-        await self.mailer.send(message)
+        try:
+            await self.mailer.send(message)
+        except SmtpError as error:
+            if 400 <= error.code < 500:
+                raise ReportDeferred(str(error)) from error
+            raise
+        except OSError as error:  # refused, reset, timed out, unreachable, a full outbox
+            raise ReportDeferred(f"the mail server: {error!r}") from error
 
     async def close(self) -> None:
         await self.mailer.close()

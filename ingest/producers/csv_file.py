@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import csv
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import structlog
 
@@ -21,13 +21,17 @@ _CHUNK = 500
 
 
 class CsvFileProducer:
-    """Feeds a pipeline the lines of a CSV file, one message per non-empty line.
+    """Feeds a pipeline the rows of a CSV file (RFC 4180, see `csv_rows`), one message per
+    row.
 
-    A message's `data` is the line's bytes (as a broker would deliver them) and its
-    metadata has `line` and a `message_id` of `<file name>:<line>`, so running the same
-    file twice creates nothing twice. Rows that fail are written, with their reason, to
-    `<file>.errors.csv` (`line,row,reason`). `finished` is set once every row was settled.
-    With `header=True` the first non-empty line is a header and no message. A UTF-8 byte
+    A message's `data` is the row's text as written in the file, quotes and all, in bytes
+    (as a broker would deliver a body: the handlers parse it) and its metadata has `line`,
+    the line the row starts on (its line number, unless a row above holds a line break
+    inside quotes), and a `message_id` of `<file name>:<line>`, so running the same file
+    twice creates nothing twice. Rows that fail are written, with their reason, to
+    `<file>.errors.csv` (`line,row,reason`; cells a spreadsheet would take for a formula
+    are neutralised, see `spreadsheet_safe`). `finished` is set once every row was
+    settled. With `header=True` the first row is a header and no message. A UTF-8 byte
     order mark (what spreadsheets write) is skipped.
     """
 
@@ -60,22 +64,22 @@ class CsvFileProducer:
         self._task = sink.spawn(self._feed(sink), f"csv-{self.path.name}")
 
     async def _feed(self, sink: Sink) -> None:
-        lines = _numbered_lines(self.path)
+        rows = _rows_of(self.path)
         if self.header:
-            await asyncio.to_thread(_take, lines, 1)
+            await asyncio.to_thread(_take, rows, 1)
         while not self._draining:
             await self._flowing.wait()  # drain() sets it too: the loop's test ends it
-            chunk = await asyncio.to_thread(_take, lines, _CHUNK) if not self._draining else []
+            chunk = await asyncio.to_thread(_take, rows, _CHUNK) if not self._draining else []
             if not chunk:
                 break
             messages = [
                 Message(
-                    text.encode("utf-8", "surrogateescape"),
+                    row.text.encode("utf-8", "surrogateescape"),
                     self,
-                    ack_data=text,
-                    metadata={"line": number, "message_id": f"{self.path.name}:{number}"},
+                    ack_data=row.text,
+                    metadata={"line": row.line, "message_id": f"{self.path.name}:{row.line}"},
                 )
-                for number, text in chunk
+                for row in chunk
             ]
             self.read += len(messages)
             try:
@@ -90,14 +94,16 @@ class CsvFileProducer:
         self.failed += len(failed)
         if failed:
             if self._writer is None:
-                self._errors = self.errors_path.open("w", newline="", encoding="utf-8")
+                # A row that is not UTF-8 (read with surrogateescape) shows its bytes escaped.
+                self._errors = self.errors_path.open(
+                    "w", newline="", encoding="utf-8", errors="backslashreplace"
+                )
                 self._writer = csv.writer(self._errors)
                 self._writer.writerow(["line", "row", "reason"])
             for message in failed:
                 # ack_data holds the row as read: handlers may have replaced `data`.
-                self._writer.writerow(
-                    [message.metadata.get("line"), message.ack_data, message.failure_reason]
-                )
+                row = (message.metadata.get("line"), message.ack_data, message.failure_reason)
+                self._writer.writerow([spreadsheet_safe(cell) for cell in row])
             assert self._errors is not None
             self._errors.flush()
         self._check_finished()
@@ -142,17 +148,94 @@ class CsvFileProducer:
         self._errors = self._writer = None
 
 
-def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+class CsvRow(NamedTuple):
+    """A row of a CSV file: the line it starts on, its text as written (quotes, and line
+    breaks inside them, included; its own line end not) and its fields, or None for a
+    JSON line and for a row that does not parse."""
+
+    line: int
+    text: str
+    fields: list[str] | None
+
+
+def csv_rows(lines: Iterable[str]) -> Iterator[CsvRow]:
+    """The rows of CSV text given as lines with their line ends (a file opened with
+    `newline=""`), as RFC 4180 and spreadsheets write them: fields in double quotes may
+    hold commas, doubled quotes and line breaks, and a line ends with CRLF, LF or CR.
+
+    Blank lines are no rows. A line starting with `{` or `[` is a JSON line, one row
+    whatever it holds (its quotes are JSON's). A row the `csv` module cannot read (text
+    after a closing quote, a quote never closed) is still a row, without fields: parsed
+    again by whoever takes it, it fails with its reason instead of being lost. Reading
+    goes on at the next line."""
+    source = _LineSource(lines)
+    reader = csv.reader(source, strict=True)
+    while (first := source.peek()) is not None:
+        start = source.count + 1
+        source.taken.clear()
+        if not first.strip() or first.lstrip().startswith(("{", "[")):
+            next(source)
+            if first.strip():
+                yield CsvRow(start, first.rstrip("\r\n"), None)
+            continue
+        try:
+            fields: list[str] | None = next(reader)
+        except csv.Error:
+            fields = None
+        yield CsvRow(start, "".join(source.taken).rstrip("\r\n"), fields)
+
+
+class _LineSource:
+    """The csv reader's input: it hands the reader lines one by one, keeping those taken
+    for the row at hand (the row's text, which the reader does not give) and counting
+    them (where the next row starts); `peek` looks at the next line without taking it."""
+
+    def __init__(self, lines: Iterable[str]) -> None:
+        self._lines = iter(lines)
+        self._next: str | None = None
+        self.taken: list[str] = []
+        self.count = 0
+
+    def peek(self) -> str | None:
+        if self._next is None:
+            self._next = next(self._lines, None)
+        return self._next
+
+    def __iter__(self) -> _LineSource:
+        return self
+
+    def __next__(self) -> str:
+        line = self.peek()
+        if line is None:
+            raise StopIteration
+        self._next = None
+        self.count += 1
+        self.taken.append(line)
+        return line
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(cell: object) -> object:
+    """`cell` as a CSV for people may hold it: text a spreadsheet would run as a formula
+    (starting with = + - @, a tab or a carriage return: `=HYPERLINK(...)`, `+cmd|...`)
+    gets a leading single quote, which makes it text (OWASP's rule against CSV
+    injection). Failed rows go back verbatim to whoever opens the errors CSV."""
+    if isinstance(cell, str) and cell.startswith(_FORMULA_STARTS):
+        return "'" + cell
+    return cell
+
+
+def _rows_of(path: Path) -> Iterator[CsvRow]:
+    """The file's rows; bytes that are not UTF-8 kept as they are (the handlers say so)."""
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as file:
-        for number, line in enumerate(file, start=1):
-            text = line.rstrip("\r\n")
-            if text.strip():
-                yield number, text
+        yield from csv_rows(file)
 
 
-def _take(lines: Iterator[tuple[int, str]], count: int) -> list[tuple[int, str]]:
+def _take(rows: Iterator[CsvRow], count: int) -> list[CsvRow]:
     chunk = []
-    for item in lines:
+    for item in rows:
         chunk.append(item)
         if len(chunk) == count:
             break

@@ -244,6 +244,7 @@ def _http_server(
     # Imported here: aiohttp's server costs ~9 MB of RSS, which the commands that only
     # build pipelines (publish, topology, dlq) and the benchmarks do not need.
     from ingest.service.http import HttpServer
+    from ingest.service.protection import Protections
 
     activities = {name: Activity(item.pipeline) for name, item in hosted.items()}
     prefetch = {name: _prefetch_of(item) for name, item in hosted.items()}
@@ -265,6 +266,7 @@ def _http_server(
             "uploads": uploads.view(),
         },
         uploads,
+        protections=Protections.of(settings),
     )
 
 

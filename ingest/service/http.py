@@ -2,8 +2,9 @@
 the actions that change something for whoever holds the admin token.
 
 aiohttp's server rather than a hand-written one: it runs in the event loop the pipelines
-already run in, and request limits (header sizes, body size, slow clients) are its
-settings, not our code. Starlette would need uvicorn's server beside it for the same.
+already run in, and request limits (header sizes, slow headers) are its settings, not our
+code; what it cannot bound (slow bodies, open connections) is in ingest.service.protection.
+Starlette would need uvicorn's server beside it for the same.
 """
 
 from __future__ import annotations
@@ -12,32 +13,37 @@ import asyncio
 import contextlib
 import hmac
 import json
-import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from importlib import resources
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiormq
 import structlog
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ingest.exceptions import ConfigurationError, UploadRejected
 from ingest.pipeline import Pipeline
 from ingest.rabbitmq.dead_letters import DeadLetters
 from ingest.service import dlq
-from ingest.service.spool import Upload
+from ingest.service.protection import (
+    AdminFailures,
+    BoundedSite,
+    Protections,
+    body_deadline,
+    error_response,
+    host_check,
+    secure,
+)
 from ingest.service.uploads import Uploads
 
 logger = structlog.get_logger("ingest.service.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_PAGE = resources.files("ingest.service").joinpath("static/index.html").read_bytes()
+STATIC = Path(__file__).with_name("static")
 EVENT_INTERVAL_S = 1.0
-CHUNK_BYTES = 64 * 1024
-EMAIL_MAX = 320  # RFC 5321's longest address, with room
+EVENT_STREAMS_RETRY_AFTER_S = 5
 MULTIPART_OVERHEAD = 64 * 1024  # the form's other fields and boundaries, beside the file
-_EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
 
 
 class HttpServer:
@@ -48,7 +54,12 @@ class HttpServer:
     `POST /pipelines/{name}/pause|resume`, `GET /pipelines/{name}/dlq`,
     `POST /pipelines/{name}/dlq/replay|purge`, `POST /uploads/{pipeline}` (multipart: `email`
     and `file`), `GET /uploads`, `GET /uploads/{id}` and `GET /uploads/{id}/errors.csv`.
-    Without an admin token configured, those answer 403 and say so.
+    Without an admin token configured, those answer 403 and say so; a peer that sent wrong
+    tokens too often is answered 429 for a while.
+
+    Every answer carries a Content-Security-Policy without inline script or style; a Host
+    not allowed is answered 421; slow clients and too many connections or event streams are
+    cut off (`protections`: ingest.service.protection).
 
     `readiness` maps each pipeline to a function returning why it is not ready, or None;
     `dead_letters` to how to reach its dead-letter queue; `snapshot` makes the figures."""
@@ -64,6 +75,8 @@ class HttpServer:
         dead_letters: Mapping[str, Callable[[], DeadLetters]] | None = None,
         snapshot: Callable[[], dict[str, Any]] | None = None,
         uploads: Uploads | None = None,
+        *,
+        protections: Protections,
     ) -> None:
         self.host = host
         self.port = port
@@ -73,13 +86,24 @@ class HttpServer:
         self.dead_letters = dead_letters or {}
         self.snapshot = snapshot
         self.uploads = uploads
+        self.protections = protections
         self._closing = asyncio.Event()  # ends the event streams when the server stops
+        self._streams = 0  # event streams open
         self._admin_token = admin_token.encode() if admin_token else None
-        app = web.Application()
+        self._failures = AdminFailures()
+        app = web.Application(
+            middlewares=[
+                host_check(protections.allowed_hosts),
+                body_deadline(protections.body_timeout),
+            ]
+        )
+        app.on_response_prepare.append(secure)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/", self._page)
+        app.router.add_get("/", _static("index.html", "text/html; charset=utf-8"))
+        app.router.add_get("/static/app.js", _static("app.js", "text/javascript; charset=utf-8"))
+        app.router.add_get("/static/app.css", _static("app.css", "text/css; charset=utf-8"))
         app.router.add_get("/api/snapshot", self._snapshot)
         app.router.add_get("/events", self._events)
         app.router.add_post("/pipelines/{name}/pause", self._admin(self._pause))
@@ -92,11 +116,20 @@ class HttpServer:
         app.router.add_get("/uploads/{id}", self._admin(self._upload_status))
         app.router.add_get("/uploads/{id}/errors.csv", self._admin(self._upload_errors))
         # A stopping server waits this long for open requests (event streams end at once).
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+        # keepalive_timeout runs from a connection's start or its previous answer until a
+        # request's headers are whole: a slow sender (slowloris) is cut off, and an idle
+        # connection closed.
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=5.0,
+            keepalive_timeout=protections.header_timeout,
+        )
 
     async def start(self) -> None:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        limit = self.protections.max_connections
+        site = BoundedSite(self._runner, self.host, self.port, limit)
         await site.start()
         # Port 0 picks a free one: report the real port.
         self.port = self._runner.addresses[0][1]
@@ -105,6 +138,7 @@ class HttpServer:
     async def stop(self) -> None:
         self._closing.set()
         await self._runner.cleanup()
+        self._failures.flush()
 
     # -- read-only ------------------------------------------------------------------------
 
@@ -124,11 +158,6 @@ class HttpServer:
             body["not_ready"] = problems
         return web.json_response(body, status=200 if reasons and not problems else 503)
 
-    async def _page(self, request: web.Request) -> web.Response:
-        """The live view: one HTML file with its CSS and JavaScript inline (no CDN, no
-        build step), reading /events."""
-        return web.Response(body=_PAGE, content_type="text/html", charset="utf-8")
-
     async def _snapshot(self, request: web.Request) -> web.Response:
         if self.snapshot is None:
             return _error(404, "no live figures in this service")
@@ -139,11 +168,20 @@ class HttpServer:
         the server stops."""
         if self.snapshot is None:
             return _error(404, "no live figures in this service")
+        if self._streams >= self.protections.max_event_streams:
+            refused = _error(
+                503,
+                f"{self._streams} live streams are open, the most this service serves "
+                f"(INGEST_HTTP_MAX_EVENT_STREAMS): try again shortly",
+            )
+            refused.headers["Retry-After"] = str(EVENT_STREAMS_RETRY_AFTER_S)
+            return refused
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
-        await response.prepare(request)
+        self._streams += 1
         try:
+            await response.prepare(request)
             while not self._closing.is_set():
                 await response.write(f"data: {json.dumps(self.snapshot())}\n\n".encode())
                 with contextlib.suppress(TimeoutError):
@@ -151,20 +189,30 @@ class HttpServer:
                         await self._closing.wait()
         except ConnectionResetError:
             pass  # the client went away
+        finally:
+            self._streams -= 1
         return response
 
     # -- admin ----------------------------------------------------------------------------
 
     def _admin(self, handler: Handler) -> Handler:
-        """`handler` behind the admin token, compared in constant time."""
+        """`handler` behind the admin token, compared in constant time; a peer that sent
+        wrong ones too often waits (429) before its token is compared again."""
 
         async def authorized(request: web.Request) -> web.StreamResponse:
             if self._admin_token is None:
                 return _error(403, "admin endpoints are off: set INGEST_ADMIN_TOKEN to use them")
+            peer = request.remote or "unknown"
+            wait = self._failures.throttle(peer)
+            if wait is not None:
+                response = _error(429, f"too many wrong admin tokens: try again in {wait} s")
+                response.headers["Retry-After"] = str(wait)
+                return response
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                 given.strip().encode(), self._admin_token
             ):
+                self._failures.failed(peer)
                 response = _error(401, "a valid admin token is needed: Authorization: Bearer ...")
                 response.headers["WWW-Authenticate"] = "Bearer"
                 return response
@@ -247,7 +295,9 @@ class HttpServer:
 
     async def _upload(self, request: web.Request) -> web.Response:
         """A CSV file and an email address, as multipart/form-data (in either order): the
-        file is spooled to disk and checked, then answered at once (202) with its id."""
+        file is spooled to disk and checked, then answered at once (202) with its id. A
+        body that is not such a form, or an address that is not one, is a 400 that says
+        why (`Spool.receive_form`), never a 500."""
         name = request.match_info["name"]
         uploads = self.uploads
         if uploads is None or name not in uploads.processing:
@@ -264,30 +314,18 @@ class HttpServer:
             return _too_large(spool.max_bytes)
         if request.content_type != "multipart/form-data":
             return _error(400, "send multipart/form-data with the fields email and file")
-        email: str | None = None
-        upload: Upload | None = None
         try:
-            async for part in await request.multipart():
-                if not isinstance(part, BodyPartReader):
-                    continue  # a nested multipart: not ours
-                if part.name == "email":
-                    email = (await part.read_chunk(EMAIL_MAX)).decode("utf-8", "replace").strip()
-                elif part.name == "file" and upload is None:
-                    upload = await spool.receive(
-                        name, part.filename or "upload.csv", email or "", _chunks(part)
-                    )
+            form = await request.multipart()
+        except ValueError as error:  # no boundary, or one too long
+            return _error(400, f"not a valid multipart/form-data body: {error}")
+        try:
+            upload = await spool.receive_form(name, form)
         except UploadRejected as rejected:
             if rejected.too_large:
                 return _too_large(spool.max_bytes)
             return _error(422, str(rejected))
-        except ValueError as error:  # a malformed multipart body
-            return _error(400, f"not a valid multipart/form-data body: {error}")
-        if upload is None:
-            return _error(400, "no file: send it in the field 'file'")
-        if email is None or not _EMAIL.fullmatch(email):
-            spool.discard(upload)
-            return _error(400, "an email address is needed in the field 'email'")
-        upload.email = email
+        except ValueError as error:  # a malformed form, no file or two, a bad address
+            return _error(400, str(error))
         spool.save(upload)
         uploads.wake()
         logger.info("upload received", upload=upload.id, pipeline=name, rows=upload.rows)
@@ -314,16 +352,25 @@ class HttpServer:
         return web.FileResponse(path, headers={"Content-Type": "text/csv; charset=utf-8"})
 
 
-async def _chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
-    while chunk := await part.read_chunk(CHUNK_BYTES):
-        yield chunk
-
-
 def _too_large(limit: int) -> web.Response:
     return _error(
         413, f"the file is larger than the limit of {limit:,} bytes (INGEST_UPLOAD_MAX_BYTES)"
     )
 
 
+def _static(name: str, content_type: str) -> Handler:
+    """A file of the page (static/), with its type; `no-cache`: the browser asks again at
+    each load and gets 304 while the file is the same (aiohttp's ETag and Last-Modified), so
+    the page and its script never come from two versions of the service."""
+    path = STATIC / name
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(
+            path, headers={"Content-Type": content_type, "Cache-Control": "no-cache"}
+        )
+
+    return serve
+
+
 def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+    return error_response(status, message)

@@ -3,15 +3,26 @@ file, validated once at start-up."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tomllib
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, SecretStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
@@ -24,6 +35,15 @@ from ingest.rabbitmq.partitions import Replica
 from ingest.rabbitmq.queues import quorum
 
 DEFAULT_CONFIG_FILE = Path("config/ingest.toml")
+# Shorter admin tokens are refused at start-up: the endpoints they open are reachable by
+# whoever reaches the port, and failures are only slowed down (see ingest.service.protection).
+ADMIN_TOKEN_MIN_LENGTH = 16
+# The names a browser on this machine uses; a DNS name an attacker controls is none of them.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+# A DNS name or IPv4 address, or an IPv6 address in brackets (as in a Host header).
+_HOST = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")
 
 
 class ProcessorSettings(BaseModel):
@@ -147,6 +167,15 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65535)
     admin_token: SecretStr | None = None
+    # The Host headers answered (any port; `*`: any host, behind a proxy that checks them);
+    # from the environment as `a,b` or a JSON list.
+    http_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(LOOPBACK_HOSTS)
+    )
+    http_header_timeout: PositiveFloat = 15.0
+    http_body_timeout: PositiveFloat = 300.0
+    http_max_connections: PositiveInt = 256
+    http_max_event_streams: PositiveInt = 32
     queue_depth_interval: PositiveFloat = 15.0
     log_format: Literal["json", "console"] = "console"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -176,6 +205,40 @@ class Settings(BaseSettings):
                 raise SettingsError(f"{config_file} is not valid TOML: {error}") from error
         return tuple(sources)
 
+    @field_validator("admin_token")
+    @classmethod
+    def _long_enough(cls, token: SecretStr | None) -> SecretStr | None:
+        """An empty token is no token (the admin endpoints are off); a short one is refused."""
+        if token is None or not token.get_secret_value():
+            return None
+        length = len(token.get_secret_value())
+        if length < ADMIN_TOKEN_MIN_LENGTH:
+            raise ValueError(
+                f"the admin token must be {ADMIN_TOKEN_MIN_LENGTH} characters or more, got "
+                f"{length}: set INGEST_ADMIN_TOKEN to a longer one (e.g. `openssl rand -hex 24`)"
+            )
+        return token
+
+    @field_validator("http_allowed_hosts", mode="before")
+    @classmethod
+    def _host_names(cls, value: object) -> object:
+        """`a,b` or `["a", "b"]` (environment) or a list (TOML): host names or addresses,
+        lower case, without scheme or port; at least one."""
+        if isinstance(value, str):
+            value = _json_list(value) or value.split(",")
+        if not isinstance(value, list):
+            return value  # pydantic says what is wrong
+        hosts = [name for host in value if (name := str(host).strip().lower().rstrip("."))]
+        for host in hosts:
+            if host != "*" and not _HOST.fullmatch(host):
+                raise ValueError(
+                    f"{host!r} is not a host name or address without scheme or port (any port "
+                    f"is allowed; IPv6 in brackets): INGEST_HTTP_ALLOWED_HOSTS=ingest,localhost"
+                )
+        if not hosts:
+            raise ValueError("no host allowed: INGEST_HTTP_ALLOWED_HOSTS names at least one")
+        return hosts
+
     def replica(self) -> Replica:
         """Which replica this process is, of how many (for partitioned pipelines)."""
         return Replica.of(self.replica_index, self.replicas)
@@ -186,3 +249,12 @@ class Settings(BaseSettings):
     def public(self) -> dict[str, Any]:
         """The settings as logged at start-up: secrets stay masked."""
         return self.model_dump(mode="json")
+
+
+def _json_list(text: str) -> list[object] | None:
+    """`text` as a JSON list, or None when it is not one (`[::1]` is a host, not JSON)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, list) else None

@@ -1,11 +1,11 @@
-"""The upload spool: uploaded CSV files on disk, checked while they arrive, each with a
-manifest that says how far its processing got (so that it resumes after a restart)."""
+"""The upload spool: uploaded CSV files on disk, checked while they arrive (the form they
+come in and its address too), each with a manifest that says how far its processing got
+(so that it resumes after a restart)."""
 
 from __future__ import annotations
 
 import asyncio
 import codecs
-import csv
 import fcntl
 import json
 import os
@@ -17,8 +17,12 @@ from pathlib import Path
 from typing import IO, Literal
 
 import structlog
+from aiohttp import BodyPartReader, MultipartReader
+from aiohttp.http_exceptions import HttpProcessingError
+from email_validator import EmailNotValidError, validate_email
 
 from ingest.exceptions import UploadRejected
+from ingest.producers.csv_file import csv_rows
 
 logger = structlog.get_logger("ingest.service.spool")
 
@@ -26,6 +30,9 @@ State = Literal["queued", "processing", "reporting", "done", "failed"]
 PENDING: tuple[State, ...] = ("reporting", "processing", "queued")  # finish before starting
 HEADER = ["event", "user_id"]
 _SHAPE_LINES = 10  # a CSV shows its columns within this many lines
+FILENAME_MAX = 200  # characters of an uploaded file's name kept (its end: the extension)
+EMAIL_MAX = 320  # bytes: RFC 5321's longest address, with room
+CHUNK_BYTES = 64 * 1024
 
 
 @dataclass
@@ -109,6 +116,35 @@ class Spool:
             partial.rename(self.file(upload))
         finally:
             partial.unlink(missing_ok=True)
+        return upload
+
+    async def receive_form(self, pipeline: str, form: MultipartReader) -> Upload:
+        """An upload as `POST /uploads/<pipeline>` takes it, multipart/form-data with the
+        fields `email` and `file` in either order: the file received (`receive`), the
+        address checked (`email_address`). ValueError, saying why, for a body that is not
+        such a form (a header that does not parse, a part without a name, two files, the
+        body cut short) or an address that is not one; UploadRejected for a file refused.
+        Nothing is kept then; other fields are ignored."""
+        email: str | None = None
+        upload: Upload | None = None
+        try:
+            while (part := await _next_part(form)) is not None:
+                if part.name == "email":
+                    email = email_address(await _text(part, EMAIL_MAX))
+                elif part.name == "file":
+                    if upload is not None:
+                        raise ValueError("one file per upload: the form has two in 'file'")
+                    filename = part.filename or "upload.csv"
+                    upload = await self.receive(pipeline, filename, "", _chunks(part))
+            if upload is None:
+                raise ValueError("no file: send it in the field 'file'")
+            if email is None:
+                raise ValueError("an email address is needed in the field 'email'")
+        except BaseException:
+            if upload is not None:
+                self.discard(upload)
+            raise
+        upload.email = email
         return upload
 
     def discard(self, upload: Upload) -> None:
@@ -195,19 +231,19 @@ class _TextCheck:
 
 
 def _inspect(path: Path) -> tuple[int, bool]:
-    """How many rows the file has (non-empty lines, as the CSV producer reads them) and
-    whether its first line is a header; UploadRejected when it is empty or not CSV."""
+    """How many rows the file has (as the CSV producer reads them: CSV rows, a quoted line
+    break inside one; JSON lines) and whether its first row is a header; UploadRejected
+    when it is empty or not CSV."""
     rows, shaped, header = 0, False, False
     with path.open(encoding="utf-8-sig", newline="") as file:
-        for line in file:
-            if not line.strip():
-                continue
-            if rows == 0 and [f.strip().lower() for f in _fields(line)] == HEADER:
+        for row in csv_rows(file):
+            fields = row.fields or []
+            if rows == 0 and not header and [f.strip().lower() for f in fields] == HEADER:
                 header = True
                 continue
             rows += 1
             if rows <= _SHAPE_LINES and not shaped:
-                shaped = line.lstrip().startswith("{") or len(_fields(line)) >= 2
+                shaped = row.text.lstrip().startswith("{") or len(fields) >= 2
     if rows == 0:
         raise UploadRejected("the file is empty: no rows" + (" under its header" if header else ""))
     if not shaped:
@@ -218,10 +254,85 @@ def _inspect(path: Path) -> tuple[int, bool]:
     return rows, header
 
 
-def _fields(line: str) -> list[str]:
-    return next(csv.reader([line]), [])
-
-
 def _base_name(filename: str) -> str:
-    """The file's own name, whatever path a browser sent with it (C:\\fakepath\\...)."""
-    return Path(filename.replace("\\", "/")).name[-200:] or "upload.csv"
+    """The file's own name, whatever path a browser sent with it (C:\\fakepath\\...),
+    made fit for where it goes (the page, logs, the report's subject): whitespace such as
+    a line break becomes one space, other characters that are not printable (controls,
+    bidirectional overrides) are dropped, and only its last FILENAME_MAX characters are
+    kept. A line break in an email header would make the report impossible to send."""
+    name = Path(filename.replace("\\", "/")).name
+    kept = "".join(c if c.isprintable() else " " for c in name if c.isprintable() or c.isspace())
+    return " ".join(kept.split())[-FILENAME_MAX:].strip() or "upload.csv"
+
+
+def email_address(text: str) -> str:
+    """`text` as an email address, normalised (`Me@EXAMPLE.com`: `Me@example.com`), or
+    ValueError with email-validator's reason. Syntax only, no DNS: a typo in a domain is
+    the mail server's to find. Display names, quoted local parts, commas and line breaks
+    are refused, so what is kept is what an SMTP command can carry as it is."""
+    if not text:
+        raise ValueError("an email address is needed in the field 'email'")
+    try:
+        return validate_email(text, check_deliverability=False).normalized
+    except EmailNotValidError as error:
+        raise ValueError(f"not a valid email address in the field 'email': {error}") from None
+
+
+# -- reading the form -----------------------------------------------------------------
+# aiohttp parses a multipart body as it is read, and says it is malformed with ValueError
+# (no boundary, the body cut short) or HttpProcessingError (a part's header with a NUL or
+# without a colon): each becomes one ValueError, which the server answers with 400.
+
+
+def _malformed(error: Exception) -> ValueError:
+    reason = error.message if isinstance(error, HttpProcessingError) else str(error)
+    return ValueError(f"not a valid multipart/form-data body: {reason}")
+
+
+async def _next_part(form: MultipartReader) -> BodyPartReader | None:
+    """The form's next part, None after the last; a part must be a field with a name."""
+    try:
+        part = await form.next()
+    except (ValueError, HttpProcessingError) as error:
+        raise _malformed(error) from None
+    if part is None:
+        return None
+    if not isinstance(part, BodyPartReader):
+        raise ValueError("a part holds parts of its own: send the fields email and file")
+    if not part.name:
+        raise ValueError(
+            "a part without a name: each part needs Content-Disposition: form-data; name=..."
+        )
+    return part
+
+
+async def _read(part: BodyPartReader, size: int) -> bytes:
+    """The part's next bytes (b"" at its end); ValueError when the body ends before the
+    part does (aiohttp returns what came, then nothing)."""
+    try:
+        chunk = await part.read_chunk(size)
+    except (ValueError, HttpProcessingError) as error:
+        raise _malformed(error) from None
+    if not chunk and not part.at_eof():
+        raise _malformed(ValueError(f"the body ends inside the field {part.name!r}"))
+    return chunk
+
+
+async def _chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+    while chunk := await _read(part, CHUNK_BYTES):
+        yield chunk
+
+
+async def _text(part: BodyPartReader, limit: int) -> str:
+    """A short text field, trimmed: ValueError past `limit` bytes (never cut short and
+    taken) or when it is not UTF-8."""
+    data = b""
+    # aiohttp reads no less than a boundary's length at a time: chunks of 1 KiB.
+    while chunk := await _read(part, 1024):
+        data += chunk
+        if len(data) > limit:
+            raise ValueError(f"the field {part.name!r} is longer than {limit} bytes")
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"the field {part.name!r} is not UTF-8") from None

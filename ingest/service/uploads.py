@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import structlog
 
 from ingest._waiting import first_of
+from ingest.exceptions import ReportDeferred
 from ingest.pipeline import Pipeline
 from ingest.producers.csv_file import CsvFileProducer
 from ingest.service.logging import FAILURE_EVENTS, log_failures
@@ -24,7 +25,11 @@ REPORT_RETRY_S = (1.0, 5.0, 15.0, 60.0)  # a mail server that is down is tried a
 
 class FileProcessing(Protocol):
     """What a hosted pipeline offers for uploads: the same pipeline over a file, and the
-    report to whoever uploaded it (an email with the errors CSV attached)."""
+    report to whoever uploaded it (an email with the errors CSV attached).
+
+    `report` raises ReportDeferred when the report may go later; any other exception says
+    it never will (a permanent refusal, a value the email cannot carry), and the upload
+    fails at once rather than hold up the uploads queued after it."""
 
     def pipeline(self, producer: CsvFileProducer, name: str) -> Pipeline: ...
 
@@ -118,25 +123,42 @@ class Uploads:
         self.spool.save(upload)
 
     async def _report(self, upload: Upload, processing: FileProcessing) -> None:
-        errors = self.spool.errors_file(upload)
+        """Mail the report, trying again (REPORT_RETRY_S, and after a restart) only what
+        may go later; a report that never will fails the upload at once."""
+        errors = self.spool.errors_file(upload) if upload.failed else None
         for delay in (*REPORT_RETRY_S, None):
-            try:
-                await processing.report(upload, errors if upload.failed else None)
-                upload.mailed, upload.report_error = True, None
+            deferred = await self._send_report(upload, processing, errors, delay)
+            if not deferred or delay is None or await self._stopped_within(delay):
                 break
-            except Exception as error:  # the mail server: down, refusing, slow
-                logger.error(
-                    "upload report not sent", upload=upload.id, error=repr(error), retry_in=delay
-                )
-                upload.report_error = repr(error)
-                self.spool.save(upload)
-            if delay is None or await self._stopped_within(delay):
-                break
-        if not upload.mailed and self._stopping.is_set():
-            return  # reported after the restart
+        if deferred and self._stopping.is_set():
+            return  # tried again after the restart
         upload.state = "done" if upload.mailed and upload.error is None else "failed"
         self.spool.save(upload)
         logger.info("upload reported", upload=upload.id, mailed=upload.mailed, state=upload.state)
+
+    async def _send_report(
+        self,
+        upload: Upload,
+        processing: FileProcessing,
+        errors: Path | None,
+        retry_in: float | None,
+    ) -> bool:
+        """One attempt: whether the report may go later."""
+        try:
+            await processing.report(upload, errors)
+        except ReportDeferred as error:  # the mail server: down, slow, refusing for now
+            logger.warning(
+                "upload report not sent yet", upload=upload.id, error=str(error), retry_in=retry_in
+            )
+            upload.report_error = str(error)
+            self.spool.save(upload)
+            return True
+        except Exception as error:  # a permanent refusal, a value the email cannot carry
+            logger.error("upload report cannot be sent", upload=upload.id, error=repr(error))
+            upload.report_error = repr(error)
+            return False
+        upload.mailed, upload.report_error = True, None
+        return False
 
     async def _stopped_within(self, seconds: float) -> bool:
         try:

@@ -22,7 +22,7 @@ from pipelines.db import users
 from .conftest import Broker, eventually, queue_depth
 from .service import RunningService, call, local_service, publish_from_ui, run_cli
 
-TOKEN = "dlq-admin-token"
+TOKEN = "dlq-admin-token-16"
 
 
 @pytest.fixture

@@ -12,65 +12,20 @@ from typing import Any
 
 import aiohttp
 import pytest
-from sqlalchemy import select
 
-from pipelines.db import tickets
 from tests.integration.service import RunningService, local_service, smtp_server
-from tests.integration.uploads import BAD_ROWS, attachment_rows, bookings_csv, reports
+from tests.integration.uploads import (
+    BAD_ROWS,
+    TOKEN,
+    attachment_rows,
+    booked,
+    bookings_csv,
+    finished,
+    reports,
+    status,
+    upload,
+)
 from tests.support import Broker, eventually
-
-TOKEN = "upload-admin-token"
-
-
-async def upload(
-    service: RunningService,
-    data: bytes,
-    email: str | None = "me@example.com",
-    *,
-    pipeline: str = "bookings",
-    token: str | None = TOKEN,
-    filename: str = "bookings.csv",
-) -> tuple[int, Any]:
-    form = aiohttp.FormData()
-    if email is not None:
-        form.add_field("email", email)
-    form.add_field("file", data, filename=filename, content_type="text/csv")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(f"{service.http}/uploads/{pipeline}", data=form, headers=headers) as response,
-    ):
-        return response.status, await response.json()
-
-
-async def status(service: RunningService, upload_id: str) -> dict[str, Any]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(
-            f"{service.http}/uploads/{upload_id}", headers={"Authorization": f"Bearer {TOKEN}"}
-        ) as response,
-    ):
-        assert response.status == 200
-        answer: dict[str, Any] = await response.json()
-        return answer
-
-
-async def finished(service: RunningService, upload_id: str, timeout: float = 60) -> dict[str, Any]:
-    async def ended() -> bool:
-        return (await status(service, upload_id))["state"] in ("done", "failed")
-
-    await eventually(ended, timeout=timeout)
-    return await status(service, upload_id)
-
-
-async def booked(service: RunningService, upload_id: str) -> list[str]:
-    """The message ids of the upload's tickets."""
-    db = service.hosted["bookings"].pipeline.handlers.db  # type: ignore[attr-defined]
-    async with db.engine.connect() as connection:
-        rows = await connection.execute(
-            select(tickets.c.message_id).where(tickets.c.message_id.like(f"{upload_id}.csv:%"))
-        )
-        return list(rows.scalars())
 
 
 @pytest.fixture
