@@ -221,3 +221,14 @@ def test_the_alerting_rules_are_valid_and_fire_as_their_tests_say() -> None:
             [promtool, *command], cwd=rules, capture_output=True, text=True, check=False
         )
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_broker_node_refuses_what_the_pipelines_would_refuse() -> None:
+    """The shipped RabbitMQ limit is the pipelines' (a larger body is refused at publish,
+    not delivered, failed and copied into a dead-letter queue), on every node."""
+    limits = (ROOT / "config" / "rabbitmq" / "limits.conf").read_text()
+    (size,) = re.findall(r"^max_message_size = (\d+)$", limits, re.MULTILINE)
+    assert int(size) == Settings.model_fields["max_body_bytes"].default
+    for node in ("rabbitmq", "rabbitmq-2", "rabbitmq-3"):
+        mounted = COMPOSE["services"][node]["volumes"]
+        assert "./config/rabbitmq/limits.conf:/etc/rabbitmq/conf.d/25-limits.conf:ro" in mounted
