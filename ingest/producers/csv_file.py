@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, Any, NamedTuple, TextIO
 
 import structlog
 
@@ -95,9 +96,7 @@ class CsvFileProducer:
         if failed:
             if self._writer is None:
                 # A row that is not UTF-8 (read with surrogateescape) shows its bytes escaped.
-                self._errors = self.errors_path.open(
-                    "w", newline="", encoding="utf-8", errors="backslashreplace"
-                )
+                self._errors = _errors_file(self.errors_path)
                 self._writer = csv.writer(self._errors)
                 self._writer.writerow(["line", "row", "reason"])
             for message in failed:
@@ -240,3 +239,10 @@ def _take(rows: Iterator[CsvRow], count: int) -> list[CsvRow]:
         if len(chunk) == count:
             break
     return chunk
+
+
+def _errors_file(path: Path) -> TextIO:
+    """The errors CSV, created readable and writable by its owner only (its rows are
+    people's bookings)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    return os.fdopen(descriptor, "w", newline="", encoding="utf-8", errors="backslashreplace")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import Counter
+from dataclasses import replace
 from typing import Any, Literal
 
 import structlog
@@ -112,3 +114,45 @@ def log_failures(event: Event) -> None:
         )
     elif event.kind == "processor.exception":
         log.error("prepare_messages raised", size=len(event.messages), error=repr(event.exception))
+
+
+class SampledFailures:
+    """`log_failures` for a run whose failures come by the thousand (an uploaded file's
+    bad rows): the first `first` failed messages one line each, then one line per `every`
+    failures with how many and their commonest reasons, and `flush()` says the rest. The
+    errors CSV has every row; the log says that they failed and why, in a few lines."""
+
+    def __init__(self, first: int = 10, every: int = 1_000, reasons: int = 5) -> None:
+        self.first = first
+        self.every = every
+        self.reasons = reasons
+        self.failed = 0
+        self._pending: Counter[str] = Counter()
+        self._log = structlog.get_logger("ingest.pipeline")
+
+    def __call__(self, event: Event) -> None:
+        if event.kind != "ack" or not event.failed:
+            log_failures(event)  # a hook that raised: always its own line
+            return
+        failed = [message for message in event.messages if not message.is_ok]
+        shown = max(0, min(len(failed), self.first - self.failed))
+        if shown:
+            log_failures(replace(event, messages=tuple(failed[:shown]), failed=shown))
+        for message in failed[shown:]:
+            self._pending[message.failure_reason or "failed"] += 1
+        self.failed += len(failed)
+        if self._pending.total() >= self.every:
+            self.flush(event.pipeline)
+
+    def flush(self, pipeline: str) -> None:
+        """One line for the failures not logged yet, if any."""
+        if not self._pending:
+            return
+        self._log.warning(
+            "messages failed (sampled)",
+            pipeline=pipeline,
+            failed=self._pending.total(),
+            failed_in_all=self.failed,
+            reasons=dict(self._pending.most_common(self.reasons)),
+        )
+        self._pending.clear()

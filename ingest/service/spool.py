@@ -10,11 +10,12 @@ import fcntl
 import json
 import os
 import secrets
+import stat
 import time
 from collections.abc import AsyncIterator, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 import structlog
 from aiohttp import BodyPartReader, MultipartReader
@@ -77,7 +78,7 @@ class Spool:
         held until `release`): only the owner takes and processes uploads, so two
         workers sharing a directory never work on one upload side by side."""
         if self._lock is None:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self._make_directory()
             lock = (self.directory / ".lock").open("a")
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -104,7 +105,7 @@ class Spool:
         """Write `chunks` to disk, checking them as they come: UploadRejected (and nothing
         kept) when the file is too large, not UTF-8, not CSV or empty. The upload is not
         in the spool until `save`d (or gone again with `discard`)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._make_directory()
         upload_id = f"u{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(4)}"
         partial = self.directory / f".{upload_id}.part"
         try:
@@ -147,6 +148,21 @@ class Spool:
         upload.email = email
         return upload
 
+    def _make_directory(self) -> None:
+        """The spool's directory, readable by the service's user only: uploaded files and
+        manifests hold people's bookings and addresses. A directory the service does not
+        own (a volume mounted so) keeps its mode, and a log line says so."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if stat.S_IMODE(self.directory.stat().st_mode) & 0o077:
+            try:
+                self.directory.chmod(0o700)
+            except PermissionError as error:
+                logger.warning(
+                    "upload directory readable by others",
+                    directory=str(self.directory),
+                    error=str(error),
+                )
+
     def discard(self, upload: Upload) -> None:
         """Forget an upload received but not wanted (its request was refused)."""
         self.file(upload).unlink(missing_ok=True)
@@ -155,7 +171,8 @@ class Spool:
         """Write the manifest whole (a rename), never half."""
         path = self.directory / f"{upload.id}.json"
         temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(json.dumps(asdict(upload)), encoding="utf-8")
+        with _private(temporary, "w") as file:
+            file.write(json.dumps(asdict(upload)))
         temporary.replace(path)
         self._known()[upload.id] = upload
 
@@ -192,7 +209,7 @@ class Spool:
 async def _write_checked(chunks: AsyncIterator[bytes], path: Path, max_bytes: int) -> int:
     text = _TextCheck()
     size = 0
-    with path.open("wb") as file:
+    with _private(path, "wb") as file:
         async for chunk in chunks:
             size += len(chunk)
             if size > max_bytes:
@@ -336,3 +353,11 @@ async def _text(part: BodyPartReader, limit: int) -> str:
         return data.decode("utf-8").strip()
     except UnicodeDecodeError:
         raise ValueError(f"the field {part.name!r} is not UTF-8") from None
+
+
+def _private(path: Path, mode: Literal["w", "wb"]) -> IO[Any]:
+    """`path` opened for writing, created readable and writable by its owner only."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    if mode == "wb":
+        return os.fdopen(descriptor, "wb")
+    return os.fdopen(descriptor, "w", encoding="utf-8")

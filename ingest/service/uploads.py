@@ -15,7 +15,7 @@ from ingest._waiting import first_of
 from ingest.exceptions import ReportDeferred
 from ingest.pipeline import Pipeline
 from ingest.producers.csv_file import CsvFileProducer
-from ingest.service.logging import FAILURE_EVENTS, log_failures
+from ingest.service.logging import FAILURE_EVENTS, SampledFailures
 from ingest.service.spool import Spool, Upload
 
 logger = structlog.get_logger("ingest.service.uploads")
@@ -86,7 +86,8 @@ class Uploads:
             self.spool.file(upload), self.spool.errors_file(upload), header=upload.header
         )
         pipeline = processing.pipeline(producer, f"{upload.pipeline}-upload")
-        pipeline.events.subscribe(log_failures, kinds=FAILURE_EVENTS)
+        failures = SampledFailures()  # a file may fail by the thousand rows
+        pipeline.events.subscribe(failures, kinds=FAILURE_EVENTS)
         log = logger.bind(upload=upload.id, pipeline=upload.pipeline)
         upload.state, upload.started, upload.error = "processing", time.time(), None
         upload.attempts += 1
@@ -110,6 +111,7 @@ class Uploads:
             await pipeline.stop()
         finally:
             self._current = None
+            failures.flush(pipeline.name)
         upload.successful, upload.failed = producer.successful, producer.failed
         if producer.finished.is_set():
             upload.state, upload.finished = "reporting", time.time()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import stat
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -425,3 +426,39 @@ async def test_an_address_that_would_change_an_smtp_command_never_reaches_one(
         finally:
             await connection.quit()
     assert [str(m["Subject"]) for m in mail.inbox.messages] == ["y"]
+
+
+# -- risks: who may read what was uploaded; a log that a bad file does not flood ----------
+
+
+async def test_uploaded_files_and_manifests_are_readable_by_the_service_only(
+    service: RunningService, tmp_path: Path
+) -> None:
+    spool = tmp_path / "uploads"
+    code, answer = await upload(service, b"event,user_id\ncinema,1\ncinema,42\n")
+    assert code == 202, answer
+    await finished(service, answer["id"])
+    assert stat.S_IMODE(spool.stat().st_mode) == 0o700
+    kept = [path for path in spool.iterdir() if path.name != ".lock"]
+    assert {path.suffix for path in kept} >= {".csv", ".json"}
+    for path in kept:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path.name
+
+
+async def test_a_file_of_bad_rows_logs_a_few_lines_not_one_per_row(
+    service: RunningService,
+) -> None:
+    bad = 2_500
+    with capture_logs() as logs:
+        code, answer = await upload(
+            service, ("event,user_id\n" + "cinema,42\n" * bad + "cinema,1\n").encode()
+        )
+        assert code == 202, answer
+        assert (await finished(service, answer["id"]))["failed"] == bad
+    each = [line for line in logs if line["event"] == "message failed"]
+    sampled = [line for line in logs if line["event"] == "messages failed (sampled)"]
+    assert len(each) == 10  # the first ones in full
+    assert 1 <= len(sampled) <= 3
+    assert len(each) + sum(line["failed"] for line in sampled) == bad
+    assert sampled[-1]["failed_in_all"] == bad
+    assert sampled[-1]["reasons"] == {"unknown user 42": sampled[-1]["failed"]}
