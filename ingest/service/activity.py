@@ -98,10 +98,10 @@ class Activity:
                 work.popleft()
         work[-1][1] += seconds
 
-    def rates(self) -> dict[str, list[int]]:
-        """Per second over the last HISTORY_S seconds, oldest first (the current second,
-        still counting, left out)."""
-        now = int(self.clock())
+    def rates(self, until: int | None = None) -> dict[str, list[int]]:
+        """Per second over the HISTORY_S seconds before `until` (now: the current second,
+        still counting, left out), oldest first."""
+        now = int(self.clock()) if until is None else until
         start = now - HISTORY_S
         series = {
             "received": [0] * HISTORY_S,
@@ -195,7 +195,8 @@ def snapshot(
             "consumers_ready": _consumers_ready(pipeline),
             "topology": dataclasses.asdict(pipeline.topology()),
             "busy": activity.busy(),
-            "rates": activity.rates(),
+            "rates_until": (until := int(activity.clock())),
+            "rates": activity.rates(until),
             "batches_by_trigger": dict(activity.triggers),
             "open_batches": pipeline.open_batches(),
             "failures": list(activity.failures)[::-1],  # newest first
@@ -218,3 +219,28 @@ def _text(value: Any) -> str | None:
     if isinstance(value, bytes):
         return bounded(value.decode("utf-8", "backslashreplace"))
     return bounded(str(value))
+
+
+def delta(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """`current` as a change to `previous` (both `snapshot`s), for a reader that has
+    `previous` (`GET /events` after its first message): a pipeline's per-second history
+    only from `previous`'s end (`rates_shift` seconds: the reader drops as many of its
+    oldest and appends these), its failures only when they changed. About 30 KB a second
+    become a few hundred bytes for each open page."""
+    pipelines: dict[str, Any] = {}
+    for name, now in current["pipelines"].items():
+        before = previous["pipelines"].get(name)
+        if before is None:
+            pipelines[name] = now
+            continue
+        shift = now["rates_until"] - before["rates_until"]
+        changed = dict(now)
+        if 0 <= shift < HISTORY_S:
+            changed["rates"] = {
+                series: values[len(values) - shift :] for series, values in now["rates"].items()
+            }
+            changed["rates_shift"] = shift
+        if now["failures"] == before["failures"]:
+            del changed["failures"]
+        pipelines[name] = changed
+    return {**current, "delta": True, "pipelines": pipelines}

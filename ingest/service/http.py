@@ -26,6 +26,7 @@ from ingest.exceptions import ConfigurationError, UploadRejected
 from ingest.pipeline import Pipeline
 from ingest.rabbitmq.dead_letters import DeadLetters
 from ingest.service import dlq
+from ingest.service.activity import delta
 from ingest.service.protection import (
     AdminFailures,
     BoundedSite,
@@ -164,8 +165,8 @@ class HttpServer:
         return web.json_response(self.snapshot())
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
-        """Server-sent events: the snapshot once a second, until the client goes away or
-        the server stops."""
+        """Server-sent events: the snapshot, then once a second what changed in it
+        (`activity.delta`), until the client goes away or the server stops."""
         if self.snapshot is None:
             return _error(404, "no live figures in this service")
         if self._streams >= self.protections.max_event_streams:
@@ -182,8 +183,13 @@ class HttpServer:
         self._streams += 1
         try:
             await response.prepare(request)
+            previous: dict[str, Any] | None = None
             while not self._closing.is_set():
-                await response.write(f"data: {json.dumps(self.snapshot())}\n\n".encode())
+                # The history once, then what changed (activity.delta).
+                current = self.snapshot()
+                sent = current if previous is None else delta(previous, current)
+                previous = current
+                await response.write(f"data: {json.dumps(sent)}\n\n".encode())
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(EVENT_INTERVAL_S):
                         await self._closing.wait()

@@ -56,21 +56,50 @@ async def test_the_snapshot_follows_the_bookings(
     assert [g["name"] for g in view["topology"]["batchers"]] == ["cinema", "musical", "default"]
 
 
-async def test_events_stream_a_snapshot_every_second(service: RunningService) -> None:
-    snapshots: list[dict[str, Any]] = []
+async def test_events_stream_the_history_once_then_what_changed(
+    broker: Broker, queue_name: str, service: RunningService
+) -> None:
+    messages: list[bytes] = []
     async with (
         aiohttp.ClientSession() as session,
         session.get(f"{service.http}/events") as response,
     ):
         assert response.headers["Content-Type"] == "text/event-stream"
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(15):
             async for line in response.content:
                 if line.startswith(b"data: "):
-                    snapshots.append(json.loads(line[len(b"data: ") :]))
-                if len(snapshots) == 3:
+                    messages.append(line[len(b"data: ") :])
+                    if len(messages) == 1:  # failures arrive while the stream runs
+                        publish_from_ui(broker, f"{queue_name}-bookings", "not a booking", "b1")
+                if len(messages) == 6:
                     break
-    assert set(snapshots[0]["pipelines"]) == {"bookings", "notifications"}
-    assert 1.5 < snapshots[2]["time"] - snapshots[0]["time"] < 3.5
+    first, *changes = [json.loads(message) for message in messages]
+    assert set(first["pipelines"]) == {"bookings", "notifications"}
+    assert "delta" not in first
+    assert 4 < changes[-1]["time"] - first["time"] < 7  # one a second
+    # The reader rebuilds each snapshot: the history once, then its newest seconds.
+    view = first
+    for change in changes:
+        assert change["delta"] is True
+        assert len(message := json.dumps(change)) < len(messages[0]) / 4, len(message)
+        view = merged(view, change)
+        bookings = view["pipelines"]["bookings"]
+        assert all(len(series) == first["history_s"] for series in bookings["rates"].values())
+    _, body = await service.get_async("/api/snapshot")
+    now = json.loads(body)["pipelines"]["bookings"]
+    assert [f["message_id"] for f in bookings["failures"]] == ["b1"]
+    assert sum(bookings["rates"]["failed"]) == sum(now["rates"]["failed"]) == 1
+
+
+def merged(view: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """What the page's merged() does (ingest/service/static/app.js)."""
+    for name, now in change["pipelines"].items():
+        before = view["pipelines"][name]
+        if "rates_shift" in now:
+            shift = now["rates_shift"]
+            now["rates"] = {k: before["rates"][k][shift:] + v for k, v in now["rates"].items()}
+        now.setdefault("failures", before["failures"])
+    return change
 
 
 async def test_an_open_stream_does_not_hold_up_the_shutdown(

@@ -243,7 +243,30 @@ function listen() {
     $("#stream").textContent = "disconnected, retrying…"; $("#stream").className = "bad";
     if (events.readyState === EventSource.CLOSED) setTimeout(listen, RETRY_MS);
   };
-  events.onmessage = message => render(JSON.parse(message.data));
+  let view = null;
+  events.onmessage = message => {
+    const data = JSON.parse(message.data);
+    view = data.delta && view ? merged(view, data) : data;
+    render(view);
+  };
+}
+
+// A stream sends the whole snapshot first, then what changed (ingest.service.activity.delta):
+// each pipeline's newest seconds of history (`rates_shift` of them: as many of the oldest go)
+// and its failures only when they changed.
+function merged(view, change) {
+  for (const [name, now] of Object.entries(change.pipelines)) {
+    const before = view.pipelines[name];
+    if (!before) continue;
+    if ("rates_shift" in now) {
+      const shift = now.rates_shift;
+      for (const [series, fresh] of Object.entries(now.rates)) {
+        now.rates[series] = before.rates[series].slice(shift).concat(fresh);
+      }
+    }
+    if (!("failures" in now)) now.failures = before.failures;
+  }
+  return change;
 }
 listen();
 fetch("/api/snapshot").then(r => r.json()).then(render);
