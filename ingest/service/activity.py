@@ -225,8 +225,8 @@ def delta(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
     """`current` as a change to `previous` (both `snapshot`s), for a reader that has
     `previous` (`GET /events` after its first message): a pipeline's per-second history
     only from `previous`'s end (`rates_shift` seconds: the reader drops as many of its
-    oldest and appends these), its failures only when they changed (both pipelines of the
-    tickets service: 3.0 KB a second, where the whole snapshot is 19.2 KB)."""
+    oldest and appends these), its failures only when they changed (a service of two
+    pipelines: 3.0 KB a second, where the whole snapshot is 19.2 KB)."""
     pipelines: dict[str, Any] = {}
     for name, now in current["pipelines"].items():
         before = previous["pipelines"].get(name)
