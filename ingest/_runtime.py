@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +64,9 @@ class Runtime:
         if failed:
             await self.handle_failed(stage, stage_kind, failed)
         if self.circuit is not None:
-            await self._count(self.circuit, successful, failed)
+            # Before the acks: what raised while the circuit is not closed goes back
+            # without counting an attempt.
+            await self.circuit.count(successful, failed)
         for acknowledger, ok, bad in group_by_acknowledger(successful, failed):
             kind: EventKind = "ack"
             error: BaseException | None = None
@@ -97,19 +98,6 @@ class Runtime:
                     )
                 )
         self.settled += len(successful) + len(failed)
-
-    @staticmethod
-    async def _count(circuit: Circuit, successful: list[Message], failed: list[Message]) -> None:
-        """Tell the circuit breaker the outcome. While it is open, what raised is requeued
-        without counting an attempt: the dependency failed, not the message."""
-        raised = [m for m in failed if isinstance(m.status, Failed) and m.status.exception]
-        was_open = circuit.is_open
-        await circuit.record(len(successful) + len(failed), len(raised))
-        if was_open:
-            for message in raised:
-                # An acknowledger that refuses requeue keeps the message's own action.
-                with contextlib.suppress(ValueError):
-                    message.configure_ack(on_failure="reject_and_requeue")
 
     async def handle_failed(self, stage: str, stage_kind: StageKind, failed: list[Message]) -> None:
         """Let `handle_failed` see (and `configure_ack`) the failed messages. Whatever it

@@ -55,6 +55,7 @@ class Supervisor:
         # The live generation's batcher stages.
         self.batchers: dict[str, BatcherStage | DurableBatcherStage] = {}
         self._task: asyncio.Task[None] | None = None
+        self._intake: Intake | None = None  # the live generation's
         self._crash: StageCrashed | None = None
         self._stop_requested = asyncio.Event()
         self._log = logger.bind(pipeline=pipeline.name)
@@ -156,8 +157,21 @@ class Supervisor:
                 pass
 
     async def _run_generation(self, started: asyncio.Future[None]) -> None:
-        pipeline = self.pipeline
         self._crash = None
+        self._intake = None
+        try:
+            await self._generation(started)
+        finally:
+            self._end_intake()
+
+    def _end_intake(self) -> None:
+        """A push still waiting for the circuit breaker to let it in (an in-memory
+        producer's caller) is told that its generation is over."""
+        if self._intake is not None:
+            self._intake.end()
+
+    async def _generation(self, started: asyncio.Future[None]) -> None:
+        pipeline = self.pipeline
         async with asyncio.TaskGroup() as group:
 
             def spawn(coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -165,7 +179,7 @@ class Supervisor:
                 task.add_done_callback(lambda task: self._note_crash(task, name))
                 return task
 
-            intake = self._build(spawn)
+            self._intake = intake = self._build(spawn)
             if pipeline.events:
                 pipeline.events.emit(Event("pipeline.start", pipeline.name, "pipeline", "pipeline"))
             await pipeline.producer.start(intake)

@@ -167,11 +167,14 @@ class CircuitBreaker:
     It counts the messages settled within the last `window` seconds and those of them that
     failed because a hook raised (not those failed on purpose, `message.failed(reason)`).
     Once at least `min_messages` were settled and `failure_ratio` of them raised, it opens:
-    the pipeline holds its intake (basic.cancel), finishes what it has, and messages that
-    raise while it is open are requeued without counting an attempt (`reject_and_requeue`).
-    After `open_delay` seconds (doubling at each new opening, up to `max_open_delay`) it is
-    half-open: messages flow again and count as usual; `probes` successes in a row close it,
-    one more message raising opens it again.
+    the pipeline holds its intake (basic.cancel) and finishes what it has. After
+    `open_delay` seconds (doubling at each new opening, up to `max_open_delay`) it is
+    half-open: it lets in `probes` messages and holds the others back (a RabbitMQ consumer
+    takes them with a prefetch of `probes`; the rest stay in the queue). The probes
+    succeeding close it; one raising opens it again. Whatever raises while it is open or
+    half-open goes back without counting an attempt (RabbitMQ: `release`, a copy at the
+    tail of the queue, which a quorum queue's delivery limit does not count either), so an
+    outage of any length uses up no message's retries; those that opened it count theirs.
     """
 
     failure_ratio: float = 0.5

@@ -22,7 +22,13 @@ from ingest.options import (
     RateLimiting,
     positive_seconds,
 )
-from ingest.producer import BoundProducer, PausableProducer, PipelineShape, Producer
+from ingest.producer import (
+    BoundProducer,
+    LimitingProducer,
+    PausableProducer,
+    PipelineShape,
+    Producer,
+)
 from ingest.topology import StageGroup, Topology
 from ingest.typing import PartitionBy
 
@@ -130,6 +136,7 @@ class Pipeline:
                 circuit_breaker,
                 lambda: self.hold(CIRCUIT_OPEN),
                 lambda: self.release(CIRCUIT_OPEN),
+                self._limit_intake,
             )
             if circuit_breaker is not None
             else None
@@ -244,6 +251,16 @@ class Pipeline:
             "pipeline releases its intake", pipeline=self.name, reason=reason, still=self.holds
         )
         self._emit_hold("pipeline.resume", reason)
+
+    async def _limit_intake(self, messages: int | None) -> None:
+        """Bound how many unsettled messages the producer takes in at once (the circuit
+        breaker's probes; None: its own bound), when it can (`LimitingProducer`). The
+        intake admits no more than the breaker lets in anyway: this leaves the others in
+        the broker's queue rather than delivered and held back."""
+        producer = self.producer
+        if isinstance(producer, LimitingProducer):
+            async with self._holding:
+                await producer.limit(messages)
 
     def _pausable(self) -> PausableProducer:
         if not isinstance(self.producer, PausableProducer):

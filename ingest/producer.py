@@ -65,6 +65,19 @@ class PausableProducer(Protocol):
     async def resume(self) -> None: ...
 
 
+@runtime_checkable
+class LimitingProducer(Protocol):
+    """A pausable producer that can also take in fewer unsettled messages at once than its
+    own bound (RabbitMQ: a smaller prefetch). The circuit breaker probes a dependency with
+    a few messages while half-open; with this the others wait where they were (in the
+    queue) instead of being delivered and held back by the pipeline's intake."""
+
+    async def limit(self, messages: int | None) -> None:
+        """Hold at most `messages` unsettled messages at once from now on (None: as many
+        as the producer's own bound again), across pauses and restarts."""
+        ...
+
+
 # When a producer bounds what it leaves unacknowledged (a broker's prefetch), the oldest
 # open batch closes early once open batches hold this share of the bound (the batcher
 # stage), so that many dynamic batch keys cannot take it all and stall the pipeline. This

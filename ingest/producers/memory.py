@@ -13,8 +13,10 @@ from ingest.producer import Sink
 
 class InMemoryProducer:
     """A producer fed by `await producer.push(messages)`, which waits while the
-    processors' buffers are full (backpressure, nothing queued without bound) and while
-    the producer is paused."""
+    processors' buffers are full (backpressure, nothing queued without bound), while the
+    producer is paused, and while the pipeline's circuit breaker lets no more in (open, or
+    half-open once its probes are in); it raises `BufferClosed` if the pipeline drains or
+    restarts meanwhile, those messages not taken."""
 
     def __init__(self) -> None:
         self._sink: Sink | None = None

@@ -67,6 +67,7 @@ class Consumer:
         stats: ProducerStats,
         sink: Sink,
         held: bool = False,
+        limit: int | None = None,
     ) -> None:
         self.options = options
         self.index = index
@@ -88,6 +89,8 @@ class Consumer:
         self._backlog = asyncio.Event()  # set while messages wait for room, in _waiting
         self._paused = False  # no_ack: consuming stopped until the waiting ones are taken
         self._held = held  # paused by the pipeline (an operator, an open circuit)
+        self._limit = limit  # a smaller prefetch while the circuit breaker probes
+        self._qos = 0  # the prefetch the channel has now
         self._log = logger.bind(queue=options.queue, producer=index)
 
     @property
@@ -160,6 +163,7 @@ class Consumer:
         await channel.basic_qos(
             prefetch_count=self.prefetch_count, prefetch_size=options.prefetch_size
         )
+        self._qos = self.prefetch_count
         if options.after_connect is not None:
             await options.after_connect(channel)
         await declare(channel, options)
@@ -211,8 +215,26 @@ class Consumer:
                 return
         self.consuming.set()
 
+    async def limit(self, prefetch: int | None) -> None:
+        """Consume with a prefetch of `prefetch` (None: the consumer's own) from now on. A
+        consumer consuming now consumes again with it (basic.cancel, basic.qos,
+        basic.consume: a prefetch applies to the consumers made after it); what it was
+        delivered goes on and is acknowledged on the same channel."""
+        if prefetch == self._limit:
+            return
+        self._limit = prefetch
+        channel = self._channel
+        if self._consumer_tag is None or channel is None or channel.is_closed:
+            return  # not consuming: the next basic.consume applies it
+        await self._cancel()
+        await self._resume()
+
     async def _consume(self, channel: aiormq.abc.AbstractChannel) -> None:
         options = self.options
+        prefetch = self.prefetch_count if self._limit is None else self._limit
+        if prefetch != self._qos:
+            await channel.basic_qos(prefetch_count=prefetch, prefetch_size=options.prefetch_size)
+            self._qos = prefetch
         ok = await channel.basic_consume(
             options.queue,
             self._on_consume,

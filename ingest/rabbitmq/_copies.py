@@ -1,4 +1,5 @@
-"""The properties of a failed message's retry or dead-letter copy: every header exact.
+"""The properties of a failed message's retry, dead-letter or release copy: every header
+exact.
 
 pamqp decodes a header table into Python values that its encoder cannot always write back
 as they were: a float (sent as a 64-bit double) goes out as a 32-bit float, so 19.99
@@ -101,6 +102,15 @@ def copy_properties(
         problems.append(f"the other properties could not be encoded ({error}) and are left out")
         properties = CopyProperties(headers=encodable, delivery_mode=2)
     return properties, problems
+
+
+def release_properties(original: spec.Basic.Properties) -> CopyProperties | None:
+    """Properties for the copy of a released delivery (handed back unprocessed: the
+    circuit breaker's): its headers as they came, so that its attempt count is unchanged;
+    None when it cannot be copied exactly (a release must not change the message: it then
+    fails as any failure of it would, to the dead-letter queue)."""
+    properties, problems = copy_properties(original, dict(original.headers or {}))
+    return None if problems else properties
 
 
 def _is_utf8(text: str) -> bool:

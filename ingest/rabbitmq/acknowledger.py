@@ -16,7 +16,7 @@ from pamqp import commands as spec
 from ingest.acknowledger import validate_ack_options
 from ingest.message import Failed, Message
 from ingest.rabbitmq import _fastpath as frames
-from ingest.rabbitmq._copies import CopyProperties, copy_properties
+from ingest.rabbitmq._copies import CopyProperties, copy_properties, release_properties
 from ingest.rabbitmq.options import RABBIT_ACK_ACTIONS, RabbitAckAction, RabbitMQOptions
 from ingest.rabbitmq.stats import ProducerStats
 
@@ -112,8 +112,8 @@ class ChannelAcknowledger:
 
     def configure(self, ack_data: Any, options: Mapping[str, Any]) -> Any:
         checked = validate_ack_options(options, RABBIT_ACK_ACTIONS)
-        if checked.get("on_success") == "retry":
-            raise ValueError("on_success cannot be 'retry': a success has nothing to retry")
+        if checked.get("on_success") in ("retry", "release"):
+            raise ValueError("on_success cannot be 'retry' or 'release': a success is done")
         if "retry" in checked.values() and self.options.retry is None:
             raise ValueError("the 'retry' action needs the producer's retry policy")
         return Delivery(
@@ -171,6 +171,8 @@ class ChannelAcknowledger:
         ):
             others.append((tag, frames.reject(self.channel.number, tag, requeue=True)))
             self.stats.reject_and_requeue += 1
+        elif action == "release":
+            republish.append((message, self.options.queue, "release"))
         elif action == "retry" and retry is not None and delivery.attempts + 1 < retry.max_attempts:
             target = retry_queue_name(self.options.queue, retry.delay(delivery.attempts + 1))
             republish.append((message, target, "retry"))
@@ -217,6 +219,8 @@ class ChannelAcknowledger:
                 acks.append(tag)
                 if kind == "retry":
                     self.stats.retry += 1
+                elif kind == "release":
+                    self.stats.release += 1
                 else:
                     self.stats.dead_letter += 1
         return acks
@@ -224,12 +228,18 @@ class ChannelAcknowledger:
     def _copy(
         self, message: Message, target: str, kind: str, others: list[tuple[int, bytes]]
     ) -> tuple[Message, str, str, CopyProperties] | None:
-        """The copy to publish, with the failure in its headers. A copy whose headers
-        cannot be copied as they were goes to the dead-letter queue (a retry would not
-        be the message that arrived), its reason saying what was changed; with no
-        dead-letter queue the original is rejected. Never requeued: that would loop."""
+        """The copy to publish, with the failure in its headers (a release's: as it came).
+        A copy whose headers cannot be copied as they were goes to the dead-letter queue
+        (a retry or a release would not be the message that arrived), its reason saying
+        what was changed; with no dead-letter queue the original is rejected. Never
+        requeued: that would loop."""
         delivery: Delivery = message.ack_data
         original = delivery.raw.header.properties
+        if kind == "release":
+            released = release_properties(original)
+            if released is not None:
+                return message, target, kind, released
+            kind = "dead_letter"  # as any failure of it: a requeue could loop
         headers = dict(original.headers or {})
         status = message.status
         reason = status.reason if isinstance(status, Failed) else "acknowledged as failed"

@@ -13,9 +13,11 @@ from yarl import URL
 
 from ingest.acknowledger import AckAction
 
-# "retry" is RabbitMQ-only: a delayed retry through a TTL queue, then the dead-letter queue.
-RabbitAckAction = AckAction | Literal["retry"]
-RABBIT_ACK_ACTIONS: Final[tuple[str, ...]] = (*get_args(AckAction), "retry")
+# RabbitMQ-only: "retry", a delayed retry through a TTL queue, then the dead-letter queue;
+# "release", the message handed back unprocessed, counting neither an attempt nor (on a
+# quorum queue) a delivery: a copy at the tail of the queue, then the original acked.
+RabbitAckAction = AckAction | Literal["retry", "release"]
+RABBIT_ACK_ACTIONS: Final[tuple[str, ...]] = (*get_args(AckAction), "retry", "release")
 
 METADATA_FIELDS: Final = (
     "delivery_tag",

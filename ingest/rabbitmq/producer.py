@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
+from ingest._waiting import first_of
 from ingest.producer import PipelineShape, Sink
 from ingest.rabbitmq._consumer import Consumer
 from ingest.rabbitmq.options import RabbitMQOptions
@@ -16,7 +18,8 @@ class RabbitMQProducer:
     Each of `concurrency` consumers has its own connection and channel. On connection or
     channel loss, or a consumer cancelled by the broker, a consumer reconnects with the
     backoff, declares and binds again and consumes again; acks for the dead channel are
-    dropped (the broker redelivers). `ready` is true only while every consumer consumes.
+    dropped (the broker redelivers). `ready` is true only while every consumer consumes;
+    `wait_ready()` waits for that, whichever consumers the producer has by then.
     An exception that reconnecting cannot get past (a bug) escapes to the pipeline's
     supervisor, which closes this producer and starts it again.
     """
@@ -27,6 +30,9 @@ class RabbitMQProducer:
         self.prefetch_count = options.prefetch_count or 50
         self._consumers: list[Consumer] = []
         self._held = False
+        self._limit: int | None = None  # limit(): the circuit breaker's probes
+        # Set by start(), and replaced: a wait for the consumers then looks at the new ones.
+        self._restarted = asyncio.Event()
 
     @property
     def ready(self) -> bool:
@@ -61,17 +67,36 @@ class RabbitMQProducer:
         # starts it again, and nothing of the closed connections' state may carry over.
         options = self.options
         self._consumers = [
-            Consumer(options.for_producer(i), i, self.prefetch_of(i), self.stats, sink, self._held)
+            Consumer(
+                options.for_producer(i),
+                i,
+                self.prefetch_of(i),
+                self.stats,
+                sink,
+                self._held,
+                limit=self._share(i),
+            )
             for i in range(options.concurrency)
         ]
+        restarted, self._restarted = self._restarted, asyncio.Event()
+        restarted.set()
         for consumer in self._consumers:
             consumer.start()
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
-        """Wait until every consumer is consuming."""
+        """Wait until every consumer is consuming (`ready`); TimeoutError after `timeout`
+        seconds (e.g. while the pipeline is paused).
+
+        The consumers are those of the producer's current start: a pipeline restarting
+        after a crash closes them and starts new ones, so a wait begun before the start,
+        or between a crash and the restart, ends once the new ones consume."""
         async with asyncio.timeout(timeout):
-            for consumer in self._consumers:
-                await consumer.consuming.wait()
+            while not self.ready:
+                restarted = self._restarted  # taken now: a start meanwhile is not missed
+                idle = [
+                    consumer.consuming.wait() for consumer in self._consumers if not consumer.ready
+                ]
+                await first_of(restarted.wait(), *([asyncio.gather(*idle)] if idle else []))
 
     async def pause(self) -> None:
         """Stop consuming (basic.cancel on every consumer) until resume(), across
@@ -82,6 +107,23 @@ class RabbitMQProducer:
     async def resume(self) -> None:
         self._held = False
         await asyncio.gather(*(consumer.release() for consumer in self._consumers))
+
+    async def limit(self, messages: int | None) -> None:
+        """Hold at most about `messages` unacknowledged deliveries from now on (None: the
+        prefetch again), across reconnects and restarts: the circuit breaker probes with a
+        few messages rather than a whole prefetch. Each consumer consumes with its share
+        as prefetch, at least 1 (the pipeline's intake lets in no more than `messages`)."""
+        self._limit = messages
+        await asyncio.gather(
+            *(consumer.limit(self._share(i)) for i, consumer in enumerate(self._consumers))
+        )
+
+    def _share(self, index: int) -> int | None:
+        """Consumer `index`'s prefetch under `limit()`; None without a limit."""
+        if self._limit is None:
+            return None
+        share = max(1, math.ceil(self._limit / self.options.concurrency))
+        return min(share, self.prefetch_of(index))
 
     async def drain(self) -> None:
         await asyncio.gather(*(consumer.drain() for consumer in self._consumers))

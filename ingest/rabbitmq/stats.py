@@ -23,6 +23,7 @@ class ProducerStats:
         "reject",
         "reject_and_requeue",
         "retry",
+        "release",
         "dead_letter",
     )
 
@@ -31,6 +32,8 @@ class ProducerStats:
     reject: int = 0
     reject_and_requeue: int = 0
     retry: int = 0
+    # Handed back without an attempt (the circuit breaker: raised while open or probing).
+    release: int = 0
     dead_letter: int = 0
     # Connection life cycle.
     connection_losses: int = 0

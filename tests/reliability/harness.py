@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import aiormq
+import asyncpg
+from sqlalchemy.engine import make_url
 
 from ingest.rabbitmq.acknowledger import retry_queue_name
 from ingest.service.settings import PipelineSettings
@@ -107,6 +109,7 @@ class ServiceProcess:
     queue_prefix: str
     smtp_port: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    database_url: str | None = None  # None: SQLite, in `database`
     http_port: int = field(default_factory=free_port)
     process: asyncio.subprocess.Process | None = None
     peak_rss_mb: float = 0.0
@@ -145,7 +148,7 @@ class ServiceProcess:
             {
                 "INGEST_CONFIG": str(self.directory / "none.toml"),
                 "INGEST_AMQP_URL": self.broker.amqp_url,
-                "INGEST_DATABASE_URL": f"sqlite+aiosqlite:///{self.database}",
+                "INGEST_DATABASE_URL": self.database_url or f"sqlite+aiosqlite:///{self.database}",
                 "INGEST_MAIL_OUTBOX": str(self.directory / "outbox"),
                 "INGEST_HTTP_PORT": str(self.http_port),
                 "INGEST_LOG_FORMAT": "json",
@@ -242,13 +245,36 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
-class Ledger:
-    """What the database says happened to each booking."""
+class BaseLedger:
+    """What the database says happened to each booking; `_query` says how to ask it."""
+
+    async def _query(self, sql: str) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    async def tickets(self) -> int:
+        rows = await self._query("select count(*) from tickets")
+        return int(rows[0][0]) if rows else 0
+
+    async def ticket_ids(self) -> list[str]:
+        return [row[0] for row in await self._query("select message_id from tickets")]
+
+    async def notified_ids(self) -> set[str]:
+        """Notifications mailed: those of windows done (durable windows, the default: done
+        once the mail server accepted the digest) and those recorded as sent (in-memory)."""
+        return {
+            row[0]
+            for table in ("ingest_window_done", "notifications_sent")
+            for row in await self._query(f"select message_id from {table}")
+        }
+
+
+class Ledger(BaseLedger):
+    """The ledger of the service's SQLite file."""
 
     def __init__(self, database: Path) -> None:
         self.database = database
 
-    def _query(self, sql: str) -> list[tuple[Any, ...]]:
+    async def _query(self, sql: str) -> list[tuple[Any, ...]]:
         if not self.database.exists():
             return []
         with sqlite3.connect(self.database, timeout=10) as db:
@@ -257,21 +283,29 @@ class Ledger:
             except sqlite3.OperationalError:  # the schema is not there yet
                 return []
 
-    def tickets(self) -> int:
-        rows = self._query("select count(*) from tickets")
-        return int(rows[0][0]) if rows else 0
 
-    def ticket_ids(self) -> list[str]:
-        return [row[0] for row in self._query("select message_id from tickets")]
+class PostgresLedger(BaseLedger):
+    """The ledger of a PostgreSQL database, read directly (not through the proxy a
+    scenario cuts the service off with)."""
 
-    def notified_ids(self) -> set[str]:
-        """Notifications mailed: those of windows done (durable windows, the default: done
-        once the mail server accepted the digest) and those recorded as sent (in-memory)."""
-        return {
-            row[0]
-            for table in ("ingest_window_done", "notifications_sent")
-            for row in self._query(f"select message_id from {table}")
-        }
+    def __init__(self, url: str) -> None:
+        self.url = make_url(url)
+
+    async def _query(self, sql: str) -> list[tuple[Any, ...]]:
+        url = self.url
+        connection = await asyncpg.connect(
+            host=url.host,
+            port=url.port,
+            user=url.username,
+            password=url.password,
+            database=url.database,
+        )
+        try:
+            return [tuple(row) for row in await connection.fetch(sql)]
+        except asyncpg.UndefinedTableError:  # the schema is not there yet
+            return []
+        finally:
+            await connection.close()
 
 
 async def publish_bookings(broker: Broker, queue: str, ids: list[str]) -> None:
@@ -308,24 +342,40 @@ async def wait_for(check: Any, timeout: float, what: str) -> None:
 
 
 async def settle(
-    service: ServiceProcess, broker: Broker, ids: list[str], timeout: float = 120
+    service: ServiceProcess,
+    broker: Broker,
+    ids: list[str],
+    timeout: float = 120,
+    ledger: BaseLedger | None = None,
 ) -> Outcome:
     """Wait for every booking's ticket and notification, stop the service cleanly and
-    check the queues are empty: what is left unacknowledged would be back in them."""
-    ledger = Ledger(service.database)
+    check the queues are empty: what is left unacknowledged would be back in them. The
+    ledger is the service's SQLite file unless another is given."""
+    ledger = ledger or Ledger(service.database)
     wanted = set(ids)
 
     async def complete() -> bool:
-        return wanted <= set(ledger.ticket_ids()) and {f"{i}/notification" for i in wanted} <= (
-            ledger.notified_ids()
+        return (
+            wanted <= set(await ledger.ticket_ids())
+            and {f"{i}/notification" for i in wanted} <= await ledger.notified_ids()
         )
 
-    await wait_for(complete, timeout, "every ticket and notification")
     connection = await aiormq.connect(broker.amqp_url)
     channel = await connection.channel()
 
     async def depths(queues: list[str]) -> dict[str, int]:
         return {queue: await queue_depth(channel, queue) for queue in queues}
+
+    try:
+        await wait_for(complete, timeout, "every ticket and notification")
+    except AssertionError as error:
+        # Say where the missing ones are: a dead-letter queue is the usual answer.
+        missing = len(wanted - set(await ledger.ticket_ids()))
+        queues = await depths(service.work_queues + service.dead_letter_queues)
+        raise AssertionError(
+            f"{error}: {missing} of {len(wanted)} bookings have no ticket; queues: "
+            f"{ {queue: count for queue, count in queues.items() if count} }"
+        ) from None
 
     # Redeliveries after a fault may still bring repeated work (a booking whose ack the
     # broker lost, retried because the publisher was still reconnecting): let it pass. The
@@ -346,7 +396,7 @@ async def settle(
     assert code == 0, service.log()
     left = await depths(service.work_queues + service.dead_letter_queues)
     await connection.close()
-    tickets = ledger.ticket_ids()
+    tickets = await ledger.ticket_ids()
     return Outcome(
         lost=len(wanted - set(tickets)),
         duplicate_tickets=len(tickets) - len(set(tickets)),

@@ -1,6 +1,8 @@
 """Faults in the middle of a load — SIGTERM, SIGKILL, connections closed by the broker,
-a broker restart, the mail server and the database going away — and the ledger after:
-every booking has exactly one ticket and its notification, and the queues are empty."""
+a broker restart, the mail server and the database going away, the database server cut
+off for longer than every retry and every open delay of the circuit breaker — and the
+ledger after: every booking has exactly one ticket and its notification, and the queues
+(dead-letter queues included) are empty."""
 
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ import pytest
 from tests.integration.service import SmtpServer
 from tests.reliability.harness import (
     CLEAN,
+    SCALE,
+    BaseLedger,
     Ledger,
+    PostgresLedger,
     ServiceProcess,
     publish_bookings,
     record_outcome,
@@ -25,7 +30,7 @@ from tests.reliability.harness import (
     settle,
     wait_for,
 )
-from tests.support import Broker
+from tests.support import Broker, postgres_through_a_proxy
 
 
 def booking_ids(count: int) -> list[str]:
@@ -33,11 +38,13 @@ def booking_ids(count: int) -> list[str]:
     return [f"{run}-{i}" for i in range(count)]
 
 
-async def until_tickets(service: ServiceProcess, count: int) -> None:
-    ledger = Ledger(service.database)
+async def until_tickets(
+    service: ServiceProcess, count: int, ledger: BaseLedger | None = None
+) -> None:
+    ledger = ledger or Ledger(service.database)
 
     async def enough() -> bool:
-        return ledger.tickets() >= count
+        return await ledger.tickets() >= count
 
     await wait_for(enough, 120, f"{count} tickets")
 
@@ -201,11 +208,7 @@ async def test_a_database_outage_longer_than_every_retry_dead_letters_nothing(
     await asyncio.to_thread(_block_database, service.database)
     await publish_bookings(broker, service.bookings_queue, ids[len(ids) // 3 :])
 
-    async def circuit_open() -> bool:
-        _, text = await service.get("/metrics")
-        return 'ingest_circuit_state{pipeline="bookings"} 2.0' in text
-
-    await wait_for(circuit_open, 30, "the circuit to open")
+    await wait_for(lambda: circuit_is(service, OPEN), 30, "the circuit to open")
     await asyncio.sleep(OUTAGE_S)
     assert await service.alive()
     await asyncio.to_thread(_unblock_database, service.database)
@@ -224,6 +227,63 @@ async def test_a_database_outage_longer_than_every_retry_dead_letters_nothing(
 
 
 OUTAGE_S = 20.0
+# Longer than the whole retry schedule (3.5 s) twenty times over, and than the circuit
+# breaker's longest open delay: it probes again and again while the server is away.
+LONG_OUTAGE_S = 75.0
+OPEN = 2  # ingest_circuit_state: 0 closed, 1 half-open, 2 open
+
+
+@pytest.mark.timeout(150 + 90 * SCALE)
+async def test_a_database_server_cut_off_for_over_a_minute_dead_letters_nothing(
+    broker: Broker, service: ServiceProcess, smtp: SmtpServer, database_url: str
+) -> None:
+    """PostgreSQL cut off by a TCP proxy for 75 s with bookings arriving, the bookings'
+    retries 3 attempts over 3.5 s: the circuit opens and probes every 1, 2, 4, 4 ... s with
+    a few bookings, which fail and go back to the queue without counting an attempt or a
+    delivery, until the server answers again. Nothing is dead-lettered, lost or ticketed
+    twice (settle() checks the dead-letter queues)."""
+    proxy, proxied = await postgres_through_a_proxy(database_url)
+    ledger = PostgresLedger(database_url)
+    service.database_url = proxied
+    service.extra.update(
+        {
+            "INGEST_PIPELINES__BOOKINGS__RETRY_MAX_ATTEMPTS": "3",
+            "INGEST_PIPELINES__BOOKINGS__CIRCUIT_BREAKER__OPEN_DELAY": "1",
+            "INGEST_PIPELINES__BOOKINGS__CIRCUIT_BREAKER__MAX_OPEN_DELAY": "4",
+        }
+    )
+    ids = booking_ids(scaled(3000))
+    try:
+        await service.start()
+        await publish_bookings(broker, service.bookings_queue, ids[: len(ids) // 3])
+        await until_tickets(service, len(ids) // 6, ledger)
+        await proxy.cut()
+        await publish_bookings(broker, service.bookings_queue, ids[len(ids) // 3 :])
+        await wait_for(lambda: circuit_is(service, OPEN), 30, "the circuit to open")
+        await asyncio.sleep(LONG_OUTAGE_S)
+        assert await service.alive()
+        assert await ledger.tickets() < len(ids)
+        await proxy.resume()
+        restored = time.monotonic()
+        outcome = await settle(service, broker, ids, ledger=ledger)
+    finally:
+        await proxy.cut()
+    assert outcome == CLEAN
+    record_outcome(
+        "database server cut off for over a minute",
+        f"PostgreSQL behind a TCP proxy cut {LONG_OUTAGE_S:g} s (retry schedule 3.5 s, 3 attempts)",
+        ids,
+        outcome,
+        smtp.inbox,
+        time.monotonic() - restored,
+        service,
+    )
+
+
+async def circuit_is(service: ServiceProcess, state: int) -> bool:
+    """Whether the bookings' circuit breaker is in `state`, as /metrics says."""
+    _, text = await service.get("/metrics")
+    return f'ingest_circuit_state{{pipeline="bookings"}} {float(state)}' in text
 
 
 def _block_database(path: object) -> None:

@@ -85,12 +85,12 @@ async def test_bad_payloads_are_dead_lettered_once_with_their_reason(
     dlq = f"{service.bookings_queue}.dlq"
 
     async def accounted() -> bool:
-        tickets = sum(1 for t in ledger.ticket_ids() if t.startswith(run))
+        tickets = sum(1 for t in await ledger.ticket_ids() if t.startswith(run))
         return tickets + await queue_depth(channel, dlq) >= len(batch)
 
     await wait_for(accounted, 60, "every payload accounted for")
     dead = {m.header.properties.message_id: m for m in await drain_queue(channel, dlq)}
-    ticketed = [t for t in ledger.ticket_ids() if t.startswith(run)]
+    ticketed = [t for t in await ledger.ticket_ids() if t.startswith(run)]
     tickets = set(ticketed)
     assert len(ticketed) == len(tickets), "a booking ticketed twice"
     assert await queue_depth(channel, service.bookings_queue) == 0
