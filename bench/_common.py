@@ -140,6 +140,15 @@ async def _postgres_execute(url: str, statement: str) -> None:
         await connection.close()
 
 
+async def postgres_fetch(url: str, query: str, *arguments: Any) -> list[Any]:
+    """The rows of one query on the database of `url`, on a connection of its own."""
+    connection = await _postgres_connect(url)
+    try:
+        return list(await connection.fetch(query, *arguments))
+    finally:
+        await connection.close()
+
+
 def postgres_unreachable(url: str) -> str | None:
     """Why PostgreSQL cannot be used at `url`, or None when it can."""
     try:
