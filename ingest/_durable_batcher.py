@@ -278,7 +278,7 @@ class Flusher:
                 window=info.window,
                 batch_key=str(info.batch_key)[:200],
                 failed=len(failed),
-                reason=(failed[0].failure_reason or "")[:500] if failed else None,
+                reason=failed[0].failure_reason if failed else None,  # bounded by Failed
             )
         if rt.events:
             rt.events.emit(

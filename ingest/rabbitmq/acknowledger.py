@@ -19,6 +19,7 @@ from ingest.rabbitmq import _fastpath as frames
 from ingest.rabbitmq._copies import CopyProperties, copy_properties, release_properties
 from ingest.rabbitmq.options import RABBIT_ACK_ACTIONS, RabbitAckAction, RabbitMQOptions
 from ingest.rabbitmq.stats import ProducerStats
+from ingest.text import bounded
 
 logger = structlog.get_logger("ingest.rabbitmq")
 
@@ -245,7 +246,7 @@ class ChannelAcknowledger:
         reason = status.reason if isinstance(status, Failed) else "acknowledged as failed"
         # A reason may quote what arrived (a message_id that is not UTF-8): escaped, so
         # that the copy can always carry it.
-        reason = reason[:1000].encode("utf-8", "backslashreplace").decode()
+        reason = bounded(reason).encode("utf-8", "backslashreplace").decode()
         headers[REASON_HEADER] = reason
         if isinstance(status, Failed) and status.exception is not None:
             headers[EXCEPTION_HEADER] = type(status.exception).__qualname__
@@ -272,9 +273,9 @@ class ChannelAcknowledger:
             return None
         assert properties.headers is not None
         instead = " (dead-lettered instead of retried)" if kind == "retry" else ""
-        properties.headers[REASON_HEADER] = (
-            f"{reason[:500]}; it could not be copied as it was{instead}: {'; '.join(problems)}"
-        )[:1000]
+        properties.headers[REASON_HEADER] = bounded(
+            f"{reason}; it could not be copied as it was{instead}: {'; '.join(problems)}"
+        )
         return message, dlq, "dead_letter", properties
 
     async def _publish_copy(
