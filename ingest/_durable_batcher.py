@@ -198,9 +198,11 @@ class Flusher:
         windows = stage.windows
         while not stage.stopped.is_set():
             stage.wake.clear()
-            claimed = await self._round()
-            if claimed >= windows.claim_limit:
-                continue  # more may be due already
+            if await self._round():
+                # More may be due already: a key closes one window a round, so a backlog
+                # of few keys (a fan-in) takes a round per window and must not wait for
+                # the poll interval between them.
+                continue
             delay = windows.poll_interval
             if self._failures:
                 delay = _STORE_RETRY_S[min(self._failures, len(_STORE_RETRY_S)) - 1]
