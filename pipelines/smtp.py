@@ -109,6 +109,8 @@ class SmtpConnection:
                 if reply.code != code and not (step == "RCPT TO" and reply.code == 251):
                     await self._reset(replies)
                     raise SmtpError(step, reply.code, reply.text)
+            if self._transport.is_closing():
+                raise SmtpDisconnected("the SMTP connection is closed")
             self._transport.write(_dot_stuffed(data))
             await self._expect("message", 250)
 
@@ -164,6 +166,9 @@ class SmtpConnection:
         await self._reply()
 
     def _write(self, *commands: str) -> None:
+        if self._transport.is_closing():
+            # uvloop raises RuntimeError on a closed transport, asyncio drops the bytes.
+            raise SmtpDisconnected("the SMTP connection is closed")
         self._transport.write("".join(f"{c}\r\n" for c in commands).encode())
 
     async def _expect(self, step: str, code: int) -> Reply:

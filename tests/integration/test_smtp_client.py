@@ -167,3 +167,20 @@ async def test_a_server_that_does_not_speak_smtp_is_a_disconnection() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_quitting_a_connection_the_server_closed_is_quiet_on_uvloop() -> None:
+    """The service runs on uvloop, where writing to a closed transport raises
+    RuntimeError (asyncio's loop drops the bytes): the shutdown's QUIT on a connection the
+    server had closed raised it out of the pipeline's shutdown hook (the soak's log)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        async with server(Recorder()) as port:
+            connection = await connect(port)
+        await wait_until(lambda: not connection.is_open)
+        with pytest.raises(SmtpDisconnected):
+            await connection.send("from@example.com", "to@example.com", MESSAGE)
+        await connection.quit()  # nothing raised
+
+    uvloop.run(scenario())
