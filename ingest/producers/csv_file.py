@@ -242,7 +242,7 @@ def _take(rows: Iterator[CsvRow], count: int) -> list[CsvRow]:
 
 
 def _errors_file(path: Path) -> TextIO:
-    """The errors CSV, created readable and writable by its owner only (its rows are
-    people's bookings)."""
+    """The errors CSV, created readable and writable by its owner only (its rows are what
+    people sent, which may be personal)."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     return os.fdopen(descriptor, "w", newline="", encoding="utf-8", errors="backslashreplace")

@@ -31,7 +31,7 @@ logger = structlog.get_logger("ingest.service.cli")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ingest", description="Broadway-style RabbitMQ pipelines: the tickets service."
+        prog="ingest", description="Broadway-style RabbitMQ pipelines: run and operate them."
     )
     parser.add_argument("--version", action="version", version=f"ingest {version('ingest')}")
     commands = parser.add_subparsers(dest="command", required=True)
