@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import struct
-import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeGuard
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 
 import aiormq
-import pamqp.frame
 from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp import commands as spec
-from pamqp import encode
 
 from ingest.exceptions import PublishError, Unroutable
 from ingest.rabbitmq import _fastpath as fastpath
 from ingest.rabbitmq._connection import CONNECTION_ERRORS
+from ingest.rabbitmq._packing import pack, pack_copy
 
 if TYPE_CHECKING:
     from ingest.rabbitmq.publisher import OutgoingMessage
@@ -28,6 +26,27 @@ if TYPE_CHECKING:
 _CONNECTION_ERRORS = (*CONNECTION_ERRORS, aiormq.exceptions.ChannelInvalidStateError)
 
 PublishBatch = Callable[["Sequence[OutgoingMessage]", float], Awaitable[None]]
+# `publish(body, routing_key, properties, timeout)`: one message to the default exchange
+# with every property given (a failed message's retry or dead-letter copy).
+PublishCopy = Callable[[bytes, str, spec.Basic.Properties, "float | None"], Awaitable[None]]
+
+
+class _Published(Protocol):
+    """What an error names of a message published: an OutgoingMessage, or a `_Copy`."""
+
+    @property
+    def exchange(self) -> str: ...
+    @property
+    def routing_key(self) -> str: ...
+    @property
+    def message_id(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Copy:
+    routing_key: str
+    message_id: str
+    exchange: str = ""
 
 
 def batch_publisher(channel: aiormq.abc.AbstractChannel) -> PublishBatch:
@@ -40,6 +59,17 @@ def batch_publisher(channel: aiormq.abc.AbstractChannel) -> PublishBatch:
     if _channel_usable(channel):
         return functools.partial(_publish_packed, channel)
     return functools.partial(_publish_publicly, channel)
+
+
+def copy_publisher(channel: aiormq.abc.AbstractChannel) -> PublishCopy:
+    """`publish(body, routing_key, properties, timeout)` for one channel opened as
+    `batch_publisher`'s are: returns once the broker confirmed, else raises as a batch
+    does. On the fast path a body is copied once: its frames are views of it, joined in
+    the payload written (aiormq's `basic_publish` holds a large body twice over: its
+    chunks, then the frames joined)."""
+    if _channel_usable(channel):
+        return functools.partial(_publish_copy_packed, channel)
+    return functools.partial(_publish_copy_publicly, channel)
 
 
 # Instance attributes of an open channel used here (aiormq sets them in `Channel.__init__`):
@@ -130,6 +160,31 @@ async def _publish_packed(
     # Packed before a delivery tag is taken: a message that cannot be sent (a routing key
     # over 255 bytes, say) raises here, as aiormq's `basic_publish` does, and nothing is sent.
     payload, message_ids = pack(channel.number, channel.max_content_size, messages)
+    await _send_confirmed(channel, payload, message_ids, messages, timeout)
+
+
+async def _publish_copy_packed(
+    channel: aiormq.Channel,
+    body: bytes,
+    routing_key: str,
+    properties: spec.Basic.Properties,
+    timeout: float | None,
+) -> None:
+    payload, message_id = pack_copy(
+        channel.number, channel.max_content_size, routing_key, properties, body
+    )
+    await _send_confirmed(channel, payload, [message_id], [_Copy(routing_key, message_id)], timeout)
+
+
+async def _send_confirmed(
+    channel: aiormq.Channel,
+    payload: bytes,
+    message_ids: list[str],
+    messages: Sequence[_Published],
+    timeout: float | None,
+) -> None:
+    """Write `payload` (the packed publishes of `messages`, whose ids are `message_ids`)
+    and wait for the broker to confirm every one; raise for the first that failed."""
     batch = _Batch(channel.create_future(), len(messages))
     confirmations: dict[int, Any] = channel.confirmations
     tags_of = channel.message_id_delivery_tag
@@ -166,7 +221,9 @@ async def _publish_packed(
     _raise_unconfirmed(batch, messages, timeout)
 
 
-def _raise_unconfirmed(batch: _Batch, messages: Sequence[OutgoingMessage], timeout: float) -> None:
+def _raise_unconfirmed(
+    batch: _Batch, messages: Sequence[_Published], timeout: float | None
+) -> None:
     future = batch.future
     if future.cancelled():
         unsettled = batch.pending
@@ -184,7 +241,7 @@ def _raise_unconfirmed(batch: _Batch, messages: Sequence[OutgoingMessage], timeo
         raise _failure(messages[index], outcome, len(batch.failures) - 1)
 
 
-def _failure(message: OutgoingMessage, outcome: object, others: int) -> BaseException:
+def _failure(message: _Published, outcome: object, others: int) -> BaseException:
     """What to raise for the first message of a batch that was not confirmed: `outcome` is
     what aiormq settled its confirmation with, or what its `basic_publish` raised."""
     also = f"; {others} other message(s) of the batch failed too" if others else ""
@@ -207,94 +264,6 @@ def _failure(message: OutgoingMessage, outcome: object, others: int) -> BaseExce
     if isinstance(outcome, BaseException):
         error.__cause__ = outcome
     return error
-
-
-# Frames, packed by hand: pamqp builds a `Basic.Properties` and a `ContentHeader` per
-# message and marshals each through its generic, per-attribute encoder, the largest cost of
-# a publish. Only the AMQP 0-9-1 wire format here, no library internals; a unit test
-# compares the bytes with those aiormq's `basic_publish` writes.
-
-_FRAME = struct.Struct(">BHI")
-_CONTENT_HEADER = struct.Struct(">BHIHHQH")  # frame header, class, weight, body size, flags
-_HEADER, _BODY = 2, 3
-_END = b"\xce"
-_BASIC = 60
-# Property flags of Basic.Properties, and the order of the properties in a content header.
-_CONTENT_TYPE, _HEADERS, _DELIVERY_MODE = 0x8000, 0x2000, 0x1000
-_CORRELATION_ID, _MESSAGE_ID = 0x0400, 0x0080
-_PERSISTENT = b"\x02"
-
-
-def pack(
-    channel: int, max_content_size: int, messages: Sequence[OutgoingMessage]
-) -> tuple[bytes, list[str]]:
-    """Every message's basic.publish (`mandatory`), content header (persistent, with its
-    message_id, content_type, correlation_id and headers) and body frames (at most
-    `max_content_size` bytes each), in order as one payload; and the message ids sent
-    (aiormq gives a message without one a random id, and so does this)."""
-    parts: list[bytes] = []
-    message_ids: list[str] = []
-    methods: dict[tuple[str, str], bytes] = {}
-    for message in messages:
-        key = (message.exchange, message.routing_key)
-        method = methods.get(key)
-        if method is None:
-            method = methods[key] = _publish_method(channel, *key)
-        message_id = message.message_id or uuid.uuid4().hex
-        message_ids.append(message_id)
-        body = message.body
-        flags, properties = _properties(message, message_id)
-        parts.append(method)
-        parts.append(
-            _CONTENT_HEADER.pack(
-                _HEADER, channel, 14 + len(properties), _BASIC, 0, len(body), flags
-            )
-        )
-        parts.append(properties)
-        parts.append(_END)
-        for start in range(0, len(body), max_content_size):
-            chunk = body[start : start + max_content_size]
-            parts.append(_FRAME.pack(_BODY, channel, len(chunk)))
-            parts.append(chunk)
-            parts.append(_END)
-    return b"".join(parts), message_ids
-
-
-@functools.lru_cache(maxsize=256)
-def _publish_method(channel: int, exchange: str, routing_key: str) -> bytes:
-    # Once per destination, by pamqp: it validates the exchange name as aiormq's
-    # `basic_publish` does (the routing key's length is aiormq's own check, repeated).
-    if len(routing_key.encode()) > 255:
-        raise ValueError("Routing key too long (max 255 bytes)")
-    frame = spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=True)
-    return pamqp.frame.marshal(frame, channel)
-
-
-def _properties(message: OutgoingMessage, message_id: str) -> tuple[int, bytes]:
-    # pamqp leaves out a property that is None or an empty string, and so does this.
-    flags = _DELIVERY_MODE | _MESSAGE_ID
-    fields: list[bytes] = []
-    if message.content_type:
-        flags |= _CONTENT_TYPE
-        fields.append(_shortstr(message.content_type, "content_type"))
-    if message.headers:
-        flags |= _HEADERS
-        fields.append(encode.field_table(dict(message.headers)))
-    fields.append(_PERSISTENT)
-    if message.correlation_id:
-        flags |= _CORRELATION_ID
-        fields.append(_shortstr(message.correlation_id, "correlation_id"))
-    fields.append(_shortstr(message_id, "message_id"))
-    return flags, b"".join(fields)
-
-
-def _shortstr(text: str, name: str) -> bytes:
-    if not isinstance(text, str):
-        raise TypeError(f"{name} must be a str, not {type(text).__name__}")
-    data = text.encode()
-    if len(data) > 255:
-        raise TypeError(f"{name} exceeds maximum length of 255 bytes ({len(data)} bytes)")
-    return bytes((len(data),)) + data
 
 
 # The fallback: aiormq's public `basic_publish`, one per message, concurrently.
@@ -327,3 +296,21 @@ async def _publish_one(
         timeout=timeout,
     )
     return None if isinstance(confirmation, spec.Basic.Ack) else confirmation
+
+
+async def _publish_copy_publicly(
+    channel: aiormq.abc.AbstractChannel,
+    body: bytes,
+    routing_key: str,
+    properties: spec.Basic.Properties,
+    timeout: float | None,
+) -> None:
+    message = _Copy(routing_key, properties.message_id or "")
+    try:
+        confirmation = await channel.basic_publish(
+            body, routing_key=routing_key, properties=properties, mandatory=True, timeout=timeout
+        )
+    except Exception as error:
+        raise _failure(message, error, 0) from error
+    if not isinstance(confirmation, spec.Basic.Ack):
+        raise _failure(message, confirmation, 0)

@@ -11,12 +11,12 @@ from typing import Any
 import aiormq
 import structlog
 from aiormq.abc import DeliveredMessage
-from pamqp import commands as spec
 
 from ingest.acknowledger import validate_ack_options
 from ingest.message import Failed, Message
 from ingest.rabbitmq import _fastpath as frames
 from ingest.rabbitmq._copies import CopyProperties, copy_properties, release_properties
+from ingest.rabbitmq._publishing import copy_publisher
 from ingest.rabbitmq.options import RABBIT_ACK_ACTIONS, RabbitAckAction, RabbitMQOptions
 from ingest.rabbitmq.stats import ProducerStats
 from ingest.text import bounded
@@ -99,6 +99,7 @@ class ChannelAcknowledger:
         self.channel = channel
         self._write_frames = frames.frame_writer(channel)
         self.publisher = publisher
+        self._publish = None if publisher is None else copy_publisher(publisher)
         self.options = options
         self.stats = stats
         self._lock = asyncio.Lock()
@@ -281,19 +282,9 @@ class ChannelAcknowledger:
     async def _publish_copy(
         self, message: Message, target: str, properties: CopyProperties
     ) -> None:
-        if self.publisher is None or self.publisher.is_closed:
+        if self.publisher is None or self._publish is None or self.publisher.is_closed:
             raise ConnectionError("the publishing channel is closed")
-        confirmation = await self.publisher.basic_publish(
-            message.ack_data.raw.body,
-            exchange="",
-            routing_key=target,
-            properties=properties,
-            mandatory=True,
-        )
-        if not isinstance(confirmation, spec.Basic.Ack):
-            raise ConnectionError(
-                f"the broker did not confirm the publish to {target}: {confirmation!r}"
-            )
+        await self._publish(message.ack_data.raw.body, target, properties, None)
 
     async def _send(self, acks: list[int], others: list[tuple[int, bytes]]) -> None:
         async with self._lock:

@@ -35,6 +35,7 @@ from pamqp import commands as spec
 
 from ingest.rabbitmq._connection import open_connection
 from ingest.rabbitmq._copies import copy_properties
+from ingest.rabbitmq._publishing import copy_publisher
 from ingest.rabbitmq.acknowledger import (
     ATTEMPTS_HEADER,
     EXCEPTION_HEADER,
@@ -203,20 +204,9 @@ class DeadLetters:
     ) -> int:
         if not window:
             return 0
-        confirmations = await asyncio.gather(
-            *(
-                publishing.basic_publish(
-                    message.body,
-                    routing_key=queue,
-                    properties=_replay_properties(message),
-                    mandatory=True,
-                )
-                for message in window
-            )
-        )
-        for message, confirmation in zip(window, confirmations, strict=True):
-            if not isinstance(confirmation, spec.Basic.Ack):
-                raise ConnectionError(f"the broker did not confirm a replay: {confirmation!r}")
+        publish = copy_publisher(publishing)
+        await asyncio.gather(*(publish(m.body, queue, _replay_properties(m), None) for m in window))
+        for message in window:
             await taking.basic_ack(message.delivery_tag)  # type: ignore[arg-type]
         if progress is not None:
             progress(len(window))

@@ -224,7 +224,7 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
         if args.dlq_command == "replay":
             return await dlq.replay(dead, limit, args.reason)
         return await dlq.purge(dead, args.yes)
-    except (OSError, aiormq.exceptions.AMQPError) as error:
+    except (OSError, aiormq.exceptions.AMQPError, PublishError) as error:
         raise StartupError(f"{redact(dead.url)}: {error!r}") from error
 
 

@@ -22,7 +22,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from ingest.exceptions import ConfigurationError, UploadRejected
+from ingest.exceptions import ConfigurationError, PublishError, UploadRejected
 from ingest.pipeline import Pipeline
 from ingest.rabbitmq.dead_letters import DeadLetters
 from ingest.service import dlq
@@ -292,7 +292,7 @@ class HttpServer:
         try:
             async with make() as dead:
                 answer = await action(dead, limit, request.query.get("reason") or None)
-        except (OSError, aiormq.exceptions.AMQPError) as error:
+        except (OSError, aiormq.exceptions.AMQPError, PublishError) as error:
             return _error(502, f"the broker: {error!r}")
         logger.info("dead letters", pipeline=name, action=request.path.rsplit("/", 1)[-1])
         return web.json_response(answer)

@@ -73,6 +73,30 @@ async def test_reject_dead_letters_with_the_reason_in_headers(
     assert headers[ATTEMPTS_HEADER] == 1
 
 
+async def test_a_body_of_many_frames_is_dead_lettered_whole_with_its_properties(
+    make_rabbit_pipeline: MakeRabbitPipeline, amqp: aiormq.abc.AbstractChannel, queue_name: str
+) -> None:
+    # 1 MiB: eight frames at the broker's frame_max, published from views of the body.
+    body = b"fail" + bytes(range(256)) * 4096
+    properties = {"priority": 3, "app_id": "tests", "message_type": "booking", "reply_to": "r"}
+    pipeline, producer = await make_rabbit_pipeline(Scripted())
+    await publish(amqp, queue_name, body, message_id="big", **properties)
+    await eventually(lambda: _depth_is(amqp, f"{queue_name}.dlq", 1))
+    await pipeline.stop()
+    [dead] = await drain_queue(amqp, f"{queue_name}.dlq")
+    kept = dead.header.properties
+    assert dead.body == body
+    assert (kept.message_id, kept.priority, kept.app_id, kept.message_type, kept.reply_to) == (
+        "big",
+        3,
+        "tests",
+        "booking",
+        "r",
+    )
+    assert kept.headers[REASON_HEADER] == "told to fail"
+    assert producer.stats.dead_letter == 1
+
+
 async def test_reject_without_a_dead_letter_queue_is_a_plain_reject(
     make_rabbit_pipeline: MakeRabbitPipeline, amqp: aiormq.abc.AbstractChannel, queue_name: str
 ) -> None:
