@@ -21,8 +21,17 @@ TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 def peak_rss_mb(pid: int | str = "self") -> float:
     """VmHWM: unlike ru_maxrss, it is not inherited across fork and exec."""
+    return _status_mb(pid, "VmHWM:")
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    """VmRSS: the resident set now."""
+    return _status_mb(pid, "VmRSS:")
+
+
+def _status_mb(pid: int | str, field: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field):
             return int(line.split()[1]) / 1024
     return 0.0
 

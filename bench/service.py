@@ -25,8 +25,10 @@ Scenarios (each fills its own queue, then drains it in a fresh process):
 
 One JSON line per scenario, then a Markdown table: msgs_per_s, ratio_to_bare (to
 bare_aiormq of the same run), service_cpu_us_per_msg (the draining processes' utime+stime),
-broker_cpu_us_per_msg (RabbitMQ's Erlang VM over the drain, not the fill), peak_rss_mb, and
-per scenario what it checks. Timed from the start of the drain to its last acknowledgement.
+broker_cpu_us_per_msg (RabbitMQ's Erlang VM over the drain, not the fill), peak_rss_mb
+(imported_rss_mb: the drain process's RSS once the service's modules are imported, before
+anything runs), and per scenario what it checks. Timed from the start of the drain to its
+last acknowledgement.
 
 Notifications are timed from the first delivery. With durable windows the drain (the
 acknowledgements) ends long before the last digest, so three figures: msgs_per_s, the
@@ -81,6 +83,7 @@ from _common import (
     peak_rss_mb,
     postgres_database,
     postgres_unreachable,
+    rss_mb,
 )
 from rabbitmq import ACK_EVERY, PREFETCH, Latencies, bare_aiormq
 
@@ -394,6 +397,7 @@ def run_drain(scenario: str, drain: Drain, broker_pid: int | None) -> dict[str, 
         # Imported before the clock starts, as a running service would have them.
         for module in ("ingest.service.hosting", "pipelines.bookings", "pipelines.notifications"):
             importlib.import_module(module)
+    imported = rss_mb()
     postgres = drain.database_url if drain.database_url.startswith("postgresql") else None
     probe = Probe(broker_pid, postgres)
 
@@ -403,7 +407,8 @@ def run_drain(scenario: str, drain: Drain, broker_pid: int | None) -> dict[str, 
         await probe.stop()
         return extra
 
-    return {"scenario": scenario, **probe.result(drain.count, uvloop.run(measured()))}
+    result = probe.result(drain.count, uvloop.run(measured()))
+    return {"scenario": scenario, **result, "imported_rss_mb": round(imported, 1)}
 
 
 # --- the run: fill, drain in a fresh process, check, clean up ---
@@ -745,6 +750,7 @@ TABLE = (
     ("peak RSS MB", "peak_rss_mb"),
 )
 NOTES = (
+    "imported_rss_mb",
     "postgres_cpu_us_per_msg",
     "broker_cpu_ratio_to_confirmed_publish",
     "tickets",
