@@ -190,7 +190,7 @@ class RetryPolicy:
 
 @dataclass(frozen=True, slots=True)
 class RabbitMQOptions:
-    """Everything the RabbitMQ producer needs; see the README's table for each option::
+    """Everything the RabbitMQ producer needs; see docs/rabbitmq.md for each option::
 
         RabbitMQOptions(queue="bookings_queue", url="amqp://guest:guest@localhost/%2F",
                         prefetch_count=500, retry=RetryPolicy(max_attempts=3))
