@@ -18,8 +18,10 @@ from ingest.producer import Producer, Sink
 from ingest.producers.memory import InMemoryProducer
 from ingest.text import bounded
 from ingest.topology import StageGroup, Topology
+from ingest.waiting import CLOSE_TIMEOUT_S, close_within, first_of
 
 __all__ = [
+    "CLOSE_TIMEOUT_S",
     "OK",
     "AckAction",
     "Acknowledger",
@@ -47,4 +49,6 @@ __all__ = [
     "Topology",
     "bounded",
     "byte_budget",
+    "close_within",
+    "first_of",
 ]

@@ -14,12 +14,12 @@ import structlog
 from ingest._batch_processor import call_handle_batch, emit_batch_stop
 from ingest._buffer import Buffer
 from ingest._runtime import Runtime, reraise_own_cancellation
-from ingest._waiting import first_of
 from ingest.acknowledger import NOOP_ACKNOWLEDGER
 from ingest.batch_info import BatchInfo
 from ingest.events import Event
 from ingest.message import Failed, Message, fail_with_exception
 from ingest.options import Batcher
+from ingest.waiting import first_of
 from ingest.windows import (
     Claim,
     DurableWindows,

@@ -10,9 +10,9 @@ from typing import Any
 from ingest._buffer import Buffer
 from ingest._circuit import Circuit
 from ingest._runtime import Runtime
-from ingest._waiting import first_of
 from ingest.exceptions import BufferClosed
 from ingest.message import Message, fail_with_exception
+from ingest.waiting import first_of
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 

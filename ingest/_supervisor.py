@@ -17,11 +17,12 @@ from ingest._durable_batcher import DurableBatcherStage, Flusher
 from ingest._intake import Intake
 from ingest._processor import PROCESSOR_STAGE, run_processor
 from ingest._runtime import Batch, Runtime
-from ingest._terminator import Stages, close_within, shut_down
+from ingest._terminator import Stages, shut_down
 from ingest.events import Event
 from ingest.exceptions import PipelineFailed, StageCrashed
 from ingest.message import Message
 from ingest.options import Batcher
+from ingest.waiting import close_within
 
 if TYPE_CHECKING:
     from ingest.pipeline import Pipeline

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import structlog
-from structlog.typing import FilteringBoundLogger
 
 from ingest._buffer import Buffer
 from ingest._runtime import Runtime
 from ingest.message import Message
 from ingest.producer import Producer
+from ingest.waiting import close_within
 
 logger = structlog.get_logger("ingest")
-
-# After the drain, closing the producer (sending its last acks, closing its connection)
-# gets this long: a broker that does not answer must not eat the grace period a container
-# runtime leaves before SIGKILL. Whatever was not acknowledged is redelivered.
-CLOSE_TIMEOUT_S = 5.0
 
 
 @dataclass(eq=False)
@@ -72,19 +66,6 @@ async def shut_down(rt: Runtime, producer: Producer, stages: Stages, timeout: fl
         await asyncio.gather(*stages.timers, return_exceptions=True)
         await close_within(producer.close(), log, "producer close")
     log.info("stopped", unacknowledged=rt.in_flight)
-
-
-async def close_within(closing: Awaitable[None], log: FilteringBoundLogger, what: str) -> None:
-    """Await one step of closing down for at most CLOSE_TIMEOUT_S; a step that hangs or
-    raises is logged and the shutdown goes on (what a broker did not see acknowledged, it
-    redelivers)."""
-    try:
-        async with asyncio.timeout(CLOSE_TIMEOUT_S):
-            await closing
-    except TimeoutError:
-        log.warning(f"{what} timed out", timeout=CLOSE_TIMEOUT_S)
-    except Exception:
-        log.exception(f"{what} raised")
 
 
 async def _join(tasks: list[asyncio.Task[None]]) -> None:

@@ -10,7 +10,6 @@ import aiormq
 import structlog
 from aiormq.abc import ConsumerCallback, DeliveredMessage
 
-from ingest._waiting import first_of
 from ingest.exceptions import BufferClosed
 from ingest.message import Message
 from ingest.producer import Sink
@@ -22,6 +21,7 @@ from ingest.rabbitmq.acknowledger import ChannelAcknowledger, Delivery
 from ingest.rabbitmq.options import RabbitMQOptions
 from ingest.rabbitmq.queues import declare, explain_refusal
 from ingest.rabbitmq.stats import ProducerStats
+from ingest.waiting import first_of
 
 logger = structlog.get_logger("ingest.rabbitmq")
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import math
 
-from ingest._waiting import first_of
 from ingest.producer import PipelineShape, Sink
 from ingest.rabbitmq._consumer import Consumer
 from ingest.rabbitmq.options import RabbitMQOptions
 from ingest.rabbitmq.stats import ProducerStats
+from ingest.waiting import first_of
 
 
 class RabbitMQProducer:

@@ -15,12 +15,12 @@ import aiormq
 import structlog
 from pamqp import commands as spec
 
-from ingest._terminator import CLOSE_TIMEOUT_S
 from ingest.exceptions import PublishError
 from ingest.rabbitmq._backoff import reconnect_delay
 from ingest.rabbitmq._connection import CONNECTION_ERRORS, open_connection, redact
 from ingest.rabbitmq._publishing import PublishBatch, batch_publisher
 from ingest.rabbitmq.options import AfterConnect, Backoff, QueueDeclare
+from ingest.waiting import CLOSE_TIMEOUT_S
 
 logger = structlog.get_logger("ingest.rabbitmq")
 

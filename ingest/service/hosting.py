@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from ingest._terminator import CLOSE_TIMEOUT_S, close_within
-from ingest._waiting import first_of
 from ingest.exceptions import ConfigurationError, PipelineFailed, StartupError
 from ingest.pipeline import Pipeline
 from ingest.producers.csv_file import CsvFileProducer
@@ -31,6 +29,7 @@ from ingest.service.queue_depth import QueueDepths
 from ingest.service.settings import Settings
 from ingest.service.spool import Spool
 from ingest.service.uploads import FileProcessing, Uploads
+from ingest.waiting import CLOSE_TIMEOUT_S, close_within, first_of
 
 if TYPE_CHECKING:
     from ingest.service.http import HttpServer

@@ -11,12 +11,12 @@ from typing import Any, Protocol
 
 import structlog
 
-from ingest._waiting import first_of
 from ingest.exceptions import ReportDeferred
 from ingest.pipeline import Pipeline
 from ingest.producers.csv_file import CsvFileProducer
 from ingest.service.logging import FAILURE_EVENTS, SampledFailures
 from ingest.service.spool import Spool, Upload
+from ingest.waiting import first_of
 
 logger = structlog.get_logger("ingest.service.uploads")
 

@@ -10,8 +10,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from ingest import Batcher, Handlers, InMemoryProducer, Message, Pipeline, Processors
-from ingest import _terminator as terminator
+from ingest import Batcher, Handlers, InMemoryProducer, Message, Pipeline, Processors, waiting
 from ingest.producers.memory import ProducerNotRunning
 from ingest.testing import push_messages
 
@@ -113,7 +112,7 @@ class HangingClose(InMemoryProducer):
 async def test_a_producer_close_that_hangs_is_given_up_after_its_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(terminator, "CLOSE_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(waiting, "CLOSE_TIMEOUT_S", 0.1)
     pipeline = Pipeline("test", SlowBatches(), HangingClose())
     await pipeline.start()
     loop = asyncio.get_running_loop()
@@ -144,7 +143,7 @@ async def test_a_closing_step_that_raises_is_logged_and_the_shutdown_goes_on() -
         raise ConnectionError("already gone")
 
     with capture_logs() as logs:
-        await terminator.close_within(broken(), structlog.get_logger("test"), "database close")
+        await waiting.close_within(broken(), structlog.get_logger("test"), "database close")
     assert [(line["event"], line["log_level"]) for line in logs] == [
         ("database close raised", "error")
     ]
