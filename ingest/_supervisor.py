@@ -6,26 +6,26 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import structlog
 
 from ingest._batch_processor import run_batch_processor
 from ingest._batcher import BatcherStage
 from ingest._buffer import Buffer
+from ingest._circuit import Circuit
 from ingest._durable_batcher import DurableBatcherStage, Flusher
 from ingest._intake import Intake
 from ingest._processor import PROCESSOR_STAGE, run_processor
+from ingest._rate_limiter import RateLimiter
 from ingest._runtime import Batch, Runtime
+from ingest._spec import PipelineSpec
 from ingest._terminator import Stages, shut_down
-from ingest.events import Event
+from ingest.events import Event, EventBus
 from ingest.exceptions import PipelineFailed, StageCrashed
 from ingest.message import Message
 from ingest.options import Batcher
 from ingest.waiting import close_within
-
-if TYPE_CHECKING:
-    from ingest.pipeline import Pipeline
 
 logger = structlog.get_logger("ingest")
 
@@ -46,8 +46,20 @@ class Supervisor:
     pipeline crashed more than `max_restarts` times within `max_seconds`, when it fails.
     """
 
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        events: EventBus,
+        rate_limiter: RateLimiter | None,
+        circuit: Circuit | None,
+    ) -> None:
+        # What it builds each generation from: the pipeline's declaration, and the parts
+        # that outlive a generation (events' subscribers, the rate limiter's current
+        # limits, the circuit breaker's state).
+        self.spec = spec
+        self.events = events
+        self.rate_limiter = rate_limiter
+        self.circuit = circuit
         self.state: State = "new"
         self.crashes = 0
         self.failure: BaseException | None = None
@@ -59,7 +71,7 @@ class Supervisor:
         self._intake: Intake | None = None  # the live generation's
         self._crash: StageCrashed | None = None
         self._stop_requested = asyncio.Event()
-        self._log = logger.bind(pipeline=pipeline.name)
+        self._log = logger.bind(pipeline=spec.name)
 
     @property
     def runtime(self) -> Runtime | None:
@@ -70,7 +82,7 @@ class Supervisor:
         `start` raising), and the pipeline is then failed."""
         started = asyncio.get_running_loop().create_future()
         self.state = "running"
-        self._task = asyncio.create_task(self._supervise(started), name=self.pipeline.name)
+        self._task = asyncio.create_task(self._supervise(started), name=self.spec.name)
         self._task.add_done_callback(self._ended)
         try:
             await started
@@ -106,9 +118,7 @@ class Supervisor:
         self.state = "stopping"
         assert self._runtime is not None
         assert self._stages is not None
-        await shut_down(
-            self._runtime, self.pipeline.producer, self._stages, self.pipeline.shutdown_timeout
-        )
+        await shut_down(self._runtime, self.spec.producer, self._stages, self.spec.shutdown_timeout)
 
     async def wait(self) -> None:
         """Return once supervision ended: stopped, or failed past the restart limit.
@@ -127,12 +137,12 @@ class Supervisor:
                 error = self._crash or _first(group)
             except asyncio.CancelledError:
                 # Not how a pipeline stops (stop() drains it): hand back what it holds.
-                await close_within(self.pipeline.producer.close(), self._log, "producer close")
+                await close_within(self.spec.producer.close(), self._log, "producer close")
                 raise
             self.crashes += 1
             self.failure = error
             self._on_crash(error)
-            producer = self.pipeline.producer
+            producer = self.spec.producer
             await close_within(producer.close(), self._log, "producer close after a crash")
             if not started.done():
                 self.state = "failed"
@@ -142,9 +152,9 @@ class Supervisor:
                 return
             now = loop.time()
             recent.append(now)
-            while recent and recent[0] < now - self.pipeline.max_seconds:
+            while recent and recent[0] < now - self.spec.max_seconds:
                 recent.popleft()
-            if len(recent) > self.pipeline.max_restarts:
+            if len(recent) > self.spec.max_restarts:
                 self._give_up(error, len(recent))
                 return
             self.state = "restarting"
@@ -172,18 +182,18 @@ class Supervisor:
             self._intake.end()
 
     async def _generation(self, started: asyncio.Future[None]) -> None:
-        pipeline = self.pipeline
+        spec = self.spec
         async with asyncio.TaskGroup() as group:
 
             def spawn(coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-                task = group.create_task(coroutine, name=f"{pipeline.name}.{name}")
+                task = group.create_task(coroutine, name=f"{spec.name}.{name}")
                 task.add_done_callback(lambda task: self._note_crash(task, name))
                 return task
 
             self._intake = intake = self._build(spawn)
-            if pipeline.events:
-                pipeline.events.emit(Event("pipeline.start", pipeline.name, "pipeline", "pipeline"))
-            await pipeline.producer.start(intake)
+            if self.events:
+                self.events.emit(Event("pipeline.start", spec.name, "pipeline", "pipeline"))
+            await spec.producer.start(intake)
             if not started.done():
                 started.set_result(None)
             if self._stop_requested.is_set():
@@ -193,8 +203,8 @@ class Supervisor:
             self.state = "running"
             self._log.info(
                 "pipeline started",
-                processors=pipeline.processors.concurrency,
-                batchers=list(pipeline.batchers),
+                processors=spec.processors.concurrency,
+                batchers=list(spec.batchers),
                 generation=self.crashes,
             )
 
@@ -205,11 +215,10 @@ class Supervisor:
             return
         error = task.exception()
         if error is not None:
-            self._crash = StageCrashed(self.pipeline.name, stage, error)
+            self._crash = StageCrashed(self.spec.name, stage, error)
             self._crash.__cause__ = error
 
     def _on_crash(self, error: BaseException) -> None:
-        pipeline = self.pipeline
         # The traceback is logged here, once; /readyz and the metrics say it too.
         self._log.error(
             "pipeline crashed; unacknowledged messages are left to the producer",
@@ -217,60 +226,52 @@ class Supervisor:
             crashes=self.crashes,
             exc_info=error,
         )
-        if pipeline.events:
-            pipeline.events.emit(
-                Event("pipeline.crash", pipeline.name, "pipeline", "pipeline", exception=error)
+        if self.events:
+            self.events.emit(
+                Event("pipeline.crash", self.spec.name, "pipeline", "pipeline", exception=error)
             )
 
     def _give_up(self, error: BaseException, crashes: int) -> None:
-        pipeline = self.pipeline
+        spec = self.spec
         self.state = "failed"
         self.failure = PipelineFailed(
-            f"pipeline {pipeline.name!r} crashed {crashes} times within "
-            f"{pipeline.max_seconds:g}s (max_restarts={pipeline.max_restarts}); last: {error}"
+            f"pipeline {spec.name!r} crashed {crashes} times within "
+            f"{spec.max_seconds:g}s (max_restarts={spec.max_restarts}); last: {error}"
         )
         self.failure.__cause__ = error
         self._log.error("pipeline failed: restart limit reached", error=str(self.failure))
 
     def _build(self, spawn: Any) -> Intake:
         """A new runtime, its buffers and every stage, spawned; the intake for the producer."""
-        pipeline = self.pipeline
-        processors = pipeline.processors
+        spec = self.spec
+        processors = spec.processors
         rt = Runtime(
-            pipeline=pipeline.name,
-            handlers=pipeline.handlers,
-            context=pipeline.context,
-            events=pipeline.events,
-            handler_timeout=pipeline.handler_timeout,
-            partition_by=pipeline.partition_by,
-            rate_limiter=pipeline._rate_limiter,
-            circuit=pipeline._circuit,
-        )
-        resume_at = processors.max_demand - processors.effective_min_demand
-        # A producer that holds N unacknowledged messages (a broker's prefetch) can always
-        # hand them all over: they are bounded by it, and the broker waits for acks.
-        holds = pipeline._producer_holds or 0
-        if pipeline.partition_by is None:
-            capacity = max(processors.concurrency * processors.max_demand, holds)
-            inboxes = [Buffer[Message](capacity, resume_at)]
-        else:
-            capacity = max(processors.max_demand, holds)
-            inboxes = [Buffer[Message](capacity, resume_at) for _ in range(processors.concurrency)]
-        if holds:
+            pipeline=spec.name,
+            handlers=spec.handlers,
+            context=spec.context,
+            events=self.events,
+            handler_timeout=spec.handler_timeout,
+            partition_by=spec.partition_by,
+            rate_limiter=self.rate_limiter,
+            circuit=self.circuit,
             # Batches close early rather than hold most of the producer's unacknowledged
             # messages: see BatcherStage.
-            rt.hold_limit = pipeline._shape.hold_limit(holds)
+            hold_limit=spec.hold_limit,
+        )
+        inboxes = [
+            Buffer[Message](spec.inbox_capacity, spec.inbox_resume_at) for _ in range(spec.inboxes)
+        ]
         stages = Stages(intake=inboxes)
-        for name, options in pipeline.batchers.items():
+        for name, options in spec.batchers.items():
             self._build_batcher(rt, stages, name, options, spawn)
         for index in range(processors.concurrency):
             worker = f"{PROCESSOR_STAGE}{index}"
-            inbox = inboxes[index if pipeline.partition_by else 0]
+            inbox = inboxes[index if spec.partition_by else 0]
             stages.processors.append(
                 spawn(run_processor(rt, worker, inbox, processors.max_demand), worker)
             )
-        if pipeline._circuit is not None:
-            stages.timers.append(spawn(pipeline._circuit.run(), "circuit"))
+        if self.circuit is not None:
+            stages.timers.append(spawn(self.circuit.run(), "circuit"))
         self._runtime, self._stages = rt, stages
         return Intake(rt, inboxes, processors.concurrency, spawn)
 
@@ -282,15 +283,11 @@ class Supervisor:
         if options.windows is not None:
             self._build_durable_batcher(rt, stages, name, options, spawn)
             return
-        processors = self.pipeline.processors
-        # A batcher's inbox holds a few batches' worth of messages.
-        capacity = max(
-            processors.concurrency * processors.max_demand, options.max_messages or 1_000
-        )
+        capacity = self.spec.batcher_capacity(options)
         inbox = Buffer[Message](capacity, capacity // 2)
         rt.batcher_inboxes[name] = inbox
         stages.batcher_inboxes.append(inbox)
-        partitioned = self.pipeline.partition_by is not None
+        partitioned = self.spec.partition_by is not None
         outboxes = [
             Buffer[Batch](1 if partitioned else options.concurrency)
             for _ in range(options.concurrency if partitioned else 1)
@@ -308,8 +305,7 @@ class Supervisor:
     ) -> None:
         """A batcher with durable windows: its stage appends to the store (and then
         acknowledges), its `concurrency` flushers take the batch processors' place."""
-        processors = self.pipeline.processors
-        capacity = max(processors.concurrency * processors.max_demand, 1_000)
+        capacity = self.spec.batcher_capacity(options)
         inbox = Buffer[Message](capacity, capacity // 2)
         rt.batcher_inboxes[name] = inbox
         stages.batcher_inboxes.append(inbox)

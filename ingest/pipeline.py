@@ -11,24 +11,13 @@ import structlog
 from ingest._circuit import CIRCUIT_OPEN, Circuit, CircuitState
 from ingest._processor import PROCESSOR_KEY, PROCESSOR_STAGE
 from ingest._rate_limiter import RateLimiter
+from ingest._spec import pipeline_spec
 from ingest._supervisor import State, Supervisor
 from ingest.events import Event, EventBus, EventKind
 from ingest.exceptions import ConfigurationError
-from ingest.handlers import Handlers, overrides
-from ingest.options import (
-    Batcher,
-    CircuitBreaker,
-    Processors,
-    RateLimiting,
-    positive_seconds,
-)
-from ingest.producer import (
-    BoundProducer,
-    LimitingProducer,
-    PausableProducer,
-    PipelineShape,
-    Producer,
-)
+from ingest.handlers import Handlers
+from ingest.options import Batcher, CircuitBreaker, Processors, RateLimiting
+from ingest.producer import LimitingProducer, PausableProducer, Producer
 from ingest.topology import StageGroup, Topology
 from ingest.typing import PartitionBy
 
@@ -73,59 +62,23 @@ class Pipeline:
         max_restarts: int = 3,
         max_seconds: float = 5.0,
     ) -> None:
-        if not isinstance(name, str) or not name:
-            raise ValueError("pipeline name must be a non-empty string")
-        if not isinstance(handlers, Handlers):
-            raise TypeError(f"handlers must subclass ingest.Handlers, got {type(handlers)!r}")
-        if not overrides(handlers, "handle_message"):
-            raise TypeError(f"{type(handlers).__name__} must define handle_message")
-        if not isinstance(producer, Producer):
-            raise TypeError(
-                f"producer must implement ingest.Producer (start, drain, close), "
-                f"got {type(producer)!r}"
-            )
-        batchers = dict(batchers or {})
-        for batcher_name, options in batchers.items():
-            if not isinstance(batcher_name, str) or not batcher_name:
-                raise ValueError(f"batcher names must be non-empty strings, got {batcher_name!r}")
-            if not isinstance(options, Batcher):
-                raise TypeError(f"batcher {batcher_name!r} must be an ingest.Batcher")
-        if batchers and not overrides(handlers, "handle_batch"):
-            raise TypeError(
-                f"{type(handlers).__name__} declares batchers "
-                f"({', '.join(batchers)}) but does not define handle_batch"
-            )
-        if partition_by is not None and not callable(partition_by):
-            raise TypeError("partition_by must be a callable taking a message, returning an int")
-        positive_seconds("pipeline", "shutdown_timeout", shutdown_timeout)
-        if handler_timeout is not None:
-            positive_seconds("pipeline", "handler_timeout", handler_timeout)
-        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
-            raise ValueError(f"pipeline: max_restarts must be an int >= 0, got {max_restarts!r}")
-        positive_seconds("pipeline", "max_seconds", max_seconds)
-        if circuit_breaker is not None and not isinstance(producer, PausableProducer):
-            raise TypeError(
-                f"a circuit breaker pauses the producer: {type(producer).__name__} cannot pause"
-            )
-
-        self.name = name
-        self.handlers = handlers
-        self.producer = producer
-        self.processors = processors or Processors()
-        self.batchers: dict[str, Batcher] = batchers
-        self.context = context
-        self.partition_by = partition_by
-        self.shutdown_timeout = float(shutdown_timeout)
-        self.handler_timeout = handler_timeout
-        self.max_restarts = max_restarts
-        self.max_seconds = float(max_seconds)
+        self._spec = spec = pipeline_spec(
+            name,
+            handlers,
+            producer,
+            processors=processors,
+            batchers=batchers,
+            context=context,
+            partition_by=partition_by,
+            rate_limiting=rate_limiting,
+            circuit_breaker=circuit_breaker,
+            shutdown_timeout=shutdown_timeout,
+            handler_timeout=handler_timeout,
+            max_restarts=max_restarts,
+            max_seconds=max_seconds,
+        )
         self.events = EventBus()
-        self._shape = PipelineShape(name, self.processors, batchers, partition_by is not None)
-        self._producer_holds: int | None = None
-        if isinstance(producer, BoundProducer):
-            self._producer_holds = producer.bind(self._shape)
         self._rate_limiter = RateLimiter(rate_limiting) if rate_limiting else None
-        self._supervisor = Supervisor(self)
         self._stop_called = False
         self._stopped = asyncio.Event()
         self._holds: set[str] = set()
@@ -141,6 +94,59 @@ class Pipeline:
             if circuit_breaker is not None
             else None
         )
+        self._supervisor = Supervisor(spec, self.events, self._rate_limiter, self._circuit)
+
+    # -- the declaration (read-only: the stages are built from it) -----------------------
+
+    @property
+    def name(self) -> str:
+        return self._spec.name
+
+    @property
+    def handlers(self) -> Handlers:
+        return self._spec.handlers
+
+    @property
+    def producer(self) -> Producer:
+        return self._spec.producer
+
+    @property
+    def processors(self) -> Processors:
+        return self._spec.processors
+
+    @property
+    def batchers(self) -> Mapping[str, Batcher]:
+        return self._spec.batchers
+
+    @property
+    def context(self) -> Any:
+        """What every hook gets as `context` (a database, a publisher...)."""
+        return self._spec.context
+
+    @property
+    def partition_by(self) -> PartitionBy | None:
+        return self._spec.partition_by
+
+    @property
+    def shutdown_timeout(self) -> float:
+        return self._spec.shutdown_timeout
+
+    @property
+    def handler_timeout(self) -> float | None:
+        return self._spec.handler_timeout
+
+    @property
+    def max_restarts(self) -> int:
+        return self._spec.max_restarts
+
+    @property
+    def max_seconds(self) -> float:
+        return self._spec.max_seconds
+
+    @property
+    def _producer_holds(self) -> int | None:
+        # What the producer said it may hold (the connector's tests check its prefetch).
+        return self._spec.producer_holds
 
     @property
     def state(self) -> State:
@@ -174,8 +180,7 @@ class Pipeline:
     def close_early_at(self) -> int | None:
         """How many messages open batches may hold before the oldest closes early (3/4 of
         what the producer may leave unacknowledged), or None when nothing bounds it."""
-        holds = self._producer_holds
-        return self._shape.hold_limit(holds) if holds and self.batchers else None
+        return self._spec.hold_limit if self.batchers else None
 
     # -- rate limiting -------------------------------------------------------------------
 
