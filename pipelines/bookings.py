@@ -21,7 +21,7 @@ from ingest.rabbitmq import (
     RabbitMQProducer,
     RetryPolicy,
 )
-from ingest.rabbitmq._connection import client_name
+from ingest.rabbitmq.connection import client_name
 from ingest.service.hosting import HostedPipeline
 from ingest.service.settings import Settings
 from pipelines.db import Database, TicketRow

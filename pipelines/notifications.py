@@ -24,7 +24,7 @@ from ingest.rabbitmq import (
     RabbitMQProducer,
     RetryPolicy,
 )
-from ingest.rabbitmq._connection import client_name
+from ingest.rabbitmq.connection import client_name
 from ingest.rabbitmq.window_dead_letters import PublishedDeadLetters
 from ingest.service.hosting import HostedPipeline, Route
 from ingest.service.settings import Settings

@@ -1,7 +1,7 @@
 """The RabbitMQ connector: producer, acknowledgement, retries, dead letters, publisher."""
 
 from ingest.exceptions import PublishError, Unroutable
-from ingest.rabbitmq._fastpath import frame_events
+from ingest.rabbitmq._aiormq.events import frame_events
 from ingest.rabbitmq.acknowledger import (
     ATTEMPTS_HEADER,
     EXCEPTION_HEADER,
@@ -12,6 +12,7 @@ from ingest.rabbitmq.acknowledger import (
     Delivery,
     retry_queue_name,
 )
+from ingest.rabbitmq.connection import CONNECTION_ERRORS, client_name, open_connection, redact
 from ingest.rabbitmq.options import (
     Backoff,
     Binding,
@@ -27,6 +28,7 @@ from ingest.rabbitmq.stats import ProducerStats
 
 __all__ = [
     "ATTEMPTS_HEADER",
+    "CONNECTION_ERRORS",
     "EXCEPTION_HEADER",
     "FAILED_AT_HEADER",
     "PUBLISHED_AT_HEADER",
@@ -48,6 +50,9 @@ __all__ = [
     "Replica",
     "RetryPolicy",
     "Unroutable",
+    "client_name",
     "frame_events",
+    "open_connection",
+    "redact",
     "retry_queue_name",
 ]

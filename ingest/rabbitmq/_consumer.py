@@ -13,11 +13,11 @@ from aiormq.abc import ConsumerCallback, DeliveredMessage
 from ingest.exceptions import BufferClosed
 from ingest.message import Message
 from ingest.producer import Sink
-from ingest.rabbitmq import _fastpath as fastpath
+from ingest.rabbitmq._aiormq import delivery
 from ingest.rabbitmq._backoff import reconnect_delay
-from ingest.rabbitmq._connection import CONNECTION_ERRORS, open_connection, redact
 from ingest.rabbitmq._metadata import metadata_reader
 from ingest.rabbitmq.acknowledger import ChannelAcknowledger, Delivery
+from ingest.rabbitmq.connection import CONNECTION_ERRORS, open_connection, redact
 from ingest.rabbitmq.options import RabbitMQOptions
 from ingest.rabbitmq.queues import declare, explain_refusal
 from ingest.rabbitmq.stats import ProducerStats
@@ -175,14 +175,14 @@ class Consumer:
         )
         # Deliveries skip aiormq's task per message: the channel's reader hands them to
         # _deliver directly (the single biggest per-message cost of a Python consumer).
-        direct = fastpath.deliver_directly(
+        direct = delivery.deliver_directly(
             channel,
             self._deliver,
             queue=options.queue,
             no_ack=options.no_ack,
             settled_here=self._acknowledger.settled_elsewhere,
         )
-        self._on_consume = fastpath.ignore if direct else self._on_delivery
+        self._on_consume = delivery.ignore if direct else self._on_delivery
         self._paused = False
         if options.consume_delay:
             # A standby: the consumers registered first are the single active ones.

@@ -14,9 +14,10 @@ from aiormq.abc import DeliveredMessage
 
 from ingest.acknowledger import validate_ack_options
 from ingest.message import Failed, Message
-from ingest.rabbitmq import _fastpath as frames
+from ingest.rabbitmq import _wire as frames
+from ingest.rabbitmq._aiormq.delivery import frame_writer
+from ingest.rabbitmq._aiormq.publishing import copy_publisher
 from ingest.rabbitmq._copies import CopyProperties, copy_properties, release_properties
-from ingest.rabbitmq._publishing import copy_publisher
 from ingest.rabbitmq.options import RABBIT_ACK_ACTIONS, RabbitAckAction, RabbitMQOptions
 from ingest.rabbitmq.stats import ProducerStats
 from ingest.text import bounded
@@ -97,7 +98,7 @@ class ChannelAcknowledger:
         prefetch_count: int,
     ) -> None:
         self.channel = channel
-        self._write_frames = frames.frame_writer(channel)
+        self._write_frames = frame_writer(channel)
         self.publisher = publisher
         self._publish = None if publisher is None else copy_publisher(publisher)
         self.options = options

@@ -33,9 +33,8 @@ import aiormq
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from ingest.rabbitmq._connection import open_connection
+from ingest.rabbitmq._aiormq.publishing import copy_publisher
 from ingest.rabbitmq._copies import copy_properties
-from ingest.rabbitmq._publishing import copy_publisher
 from ingest.rabbitmq.acknowledger import (
     ATTEMPTS_HEADER,
     EXCEPTION_HEADER,
@@ -43,6 +42,7 @@ from ingest.rabbitmq.acknowledger import (
     QUEUE_HEADER,
     REASON_HEADER,
 )
+from ingest.rabbitmq.connection import open_connection
 from ingest.text import bounded
 
 # What a replayed copy leaves behind: the failure it had; its attempts start again.

@@ -16,9 +16,9 @@ import structlog
 from pamqp import commands as spec
 
 from ingest.exceptions import PublishError
+from ingest.rabbitmq._aiormq.publishing import PublishBatch, batch_publisher
 from ingest.rabbitmq._backoff import reconnect_delay
-from ingest.rabbitmq._connection import CONNECTION_ERRORS, open_connection, redact
-from ingest.rabbitmq._publishing import PublishBatch, batch_publisher
+from ingest.rabbitmq.connection import CONNECTION_ERRORS, open_connection, redact
 from ingest.rabbitmq.options import AfterConnect, Backoff, QueueDeclare
 from ingest.waiting import CLOSE_TIMEOUT_S
 
@@ -59,7 +59,7 @@ class Publisher:
     """Publishes with publisher confirms and `mandatory`, so a publish returns only once
     the broker has the message (persisted, for durable queues) and raises `Unroutable` when
     no queue would receive it. A batch (`publish_batch`) goes out in one write and is
-    confirmed by delivery tag, as acks are sent (see `_publishing`). The connection is
+    confirmed by delivery tag, as acks are sent (see `_aiormq.publishing`). The connection is
     opened on first use and again after a loss, with the backoff, for up to
     `connect_timeout` seconds per publish; the durable `declare_queues` are declared on
     each connect, so publishing never depends on their consumer having started first, and

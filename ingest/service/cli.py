@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from ingest.exceptions import ConfigurationError, PipelineFailed, PublishError, StartupError
-from ingest.rabbitmq._connection import redact
+from ingest.rabbitmq.connection import redact
 from ingest.rabbitmq.publisher import OutgoingMessage, Publisher
 from ingest.service import control, dlq
 from ingest.service.hosting import build, serve, work_queues

@@ -18,7 +18,7 @@ import structlog
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ingest.rabbitmq._connection import CONNECTION_ERRORS, open_connection
+from ingest.rabbitmq.connection import CONNECTION_ERRORS, open_connection
 from ingest.waiting import CLOSE_TIMEOUT_S
 
 logger = structlog.get_logger("ingest.service.queue_depth")

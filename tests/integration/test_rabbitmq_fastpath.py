@@ -18,8 +18,8 @@ from structlog.testing import capture_logs
 
 from ingest import Handlers, Message, Pipeline
 from ingest.rabbitmq import REASON_HEADER, Binding, QueueDeclare, RabbitMQProducer
-from ingest.rabbitmq import _fastpath as fastpath
-from ingest.rabbitmq._connection import open_connection
+from ingest.rabbitmq._aiormq import events, gate, reader
+from ingest.rabbitmq.connection import open_connection
 
 from .conftest import (
     Broker,
@@ -37,13 +37,13 @@ AIORMQ_GET_FRAME = FrameReceiver.get_frame
 def fast_reads(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """The receiver of every frame read by the fast path's reader from now on."""
     receivers: list[Any] = []
-    read = fastpath.get_frame
+    read = reader.get_frame
 
     async def get_frame(receiver: Any) -> tuple[int, int, Any]:
         receivers.append(receiver)
         return await read(receiver)
 
-    monkeypatch.setattr(fastpath, "get_frame", get_frame)
+    monkeypatch.setattr(reader, "get_frame", get_frame)
     return receivers
 
 
@@ -85,8 +85,8 @@ async def test_with_the_fast_path_refused_a_pipeline_consumes_and_acks_as_plain_
     monkeypatch: pytest.MonkeyPatch,
     fast_reads: list[Any],
 ) -> None:
-    monkeypatch.setattr(fastpath, "_version", lambda distribution: "99.0.0")
-    monkeypatch.setattr(fastpath, "_reported", set())
+    monkeypatch.setattr(gate, "_version", lambda distribution: "99.0.0")
+    monkeypatch.setattr(gate, "_reported", set())
     handlers = Collect()
     with capture_logs() as logs:
         pipeline, _producer = await make_rabbit_pipeline(
@@ -316,7 +316,7 @@ async def test_a_delivery_whose_properties_cannot_be_decoded_is_rejected_not_loo
     await amqp.queue_declare(graveyard, durable=True)
     handlers = Scripted()
     exchange = await _fanout(amqp, queue_name)
-    rejected_before = fastpath.counts.undecodable_rejected
+    rejected_before = events.counts.undecodable_rejected
     dead_letters = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": graveyard}
     with capture_logs() as logs:
         pipeline, producer = await make_rabbit_pipeline(
@@ -334,7 +334,7 @@ async def test_a_delivery_whose_properties_cannot_be_decoded_is_rejected_not_loo
         await pipeline.stop()
     assert [m.data for m in handlers.seen] == [b"ok-after"] * 100
     assert await queue_depth(amqp, queue_name) == 0
-    assert fastpath.counts.undecodable_rejected == rejected_before + 1
+    assert events.counts.undecodable_rejected == rejected_before + 1
     # The rejected tag counts as settled: the coalesced acks' low-water mark passes it.
     assert producer.stats.reject == 1
     assert producer.stats.multiple_ack_frames >= 1

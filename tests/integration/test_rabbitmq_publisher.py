@@ -16,7 +16,7 @@ from ingest.rabbitmq import (
     PublishError,
     Unroutable,
 )
-from ingest.rabbitmq import _fastpath as fastpath
+from ingest.rabbitmq._aiormq import gate
 from ingest.rabbitmq.options import Backoff
 from ingest.rabbitmq.queues import quorum
 
@@ -107,8 +107,8 @@ def publishing_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPa
     """Both ways a Publisher publishes: the second with the fast path refused, as with an
     aiormq it was not written for."""
     if request.param == "aiormq-publish":
-        monkeypatch.setattr(fastpath, "_version", lambda name: "7.3.0")
-        monkeypatch.setattr(fastpath, "_reported", set())
+        monkeypatch.setattr(gate, "_version", lambda name: "7.3.0")
+        monkeypatch.setattr(gate, "_reported", set())
     return str(request.param)
 
 

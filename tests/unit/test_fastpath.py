@@ -26,8 +26,8 @@ from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 from structlog.testing import capture_logs
 
-from ingest.rabbitmq import _decoding as decoding
-from ingest.rabbitmq import _fastpath as fastpath
+from ingest.rabbitmq import _wire as wire
+from ingest.rabbitmq._aiormq import decoding, delivery, events, gate, reader
 
 EVERY_SIMPLE_PROPERTY = spec.Basic.Properties(
     content_type="text/plain",
@@ -69,10 +69,10 @@ def fields(frame: object) -> dict[str, object]:
 
 
 def stream(data: bytes) -> asyncio.StreamReader:
-    reader = asyncio.StreamReader()
-    reader.feed_data(data)
-    reader.feed_eof()
-    return reader
+    stream_reader = asyncio.StreamReader()
+    stream_reader.feed_data(data)
+    stream_reader.feed_eof()
+    return stream_reader
 
 
 async def read_all(read: Any, data: bytes) -> list[tuple[int, int, Any]]:
@@ -86,7 +86,7 @@ async def read_all(read: Any, data: bytes) -> list[tuple[int, int, Any]]:
 async def test_the_fast_reader_returns_what_aiormqs_returns() -> None:
     data = b"".join(pamqp.frame.marshal(frame, channel) for channel, frame in FRAMES)
     theirs = await read_all(AIORMQ_GET_FRAME, data)
-    ours = await read_all(fastpath.get_frame, data)
+    ours = await read_all(reader.get_frame, data)
     assert [(n, c, type(f)) for n, c, f in ours] == [(n, c, type(f)) for n, c, f in theirs]
     assert [pamqp.frame.marshal(f, c) for _, c, f in ours] == [
         pamqp.frame.marshal(f, c) for _, c, f in theirs
@@ -98,7 +98,7 @@ async def test_a_malformed_delivery_is_decoded_as_pamqp_decodes_it() -> None:
     good = pamqp.frame.marshal(spec.Basic.Deliver("ctag", 7, False, "", "q"), 1)
     # The routing key claims more bytes than the frame holds: pamqp's lenient decoding.
     bad = good[:-3] + b"\x09" + good[-2:]
-    [(_, _, ours)] = [await fastpath.get_frame(FrameReceiver(stream(bad)))]
+    [(_, _, ours)] = [await reader.get_frame(FrameReceiver(stream(bad)))]
     [(_, _, theirs)] = [await AIORMQ_GET_FRAME(FrameReceiver(stream(bad)))]
     assert fields(ours) == fields(theirs)
 
@@ -106,16 +106,16 @@ async def test_a_malformed_delivery_is_decoded_as_pamqp_decodes_it() -> None:
 async def test_a_truncated_stream_is_a_connection_error() -> None:
     data = pamqp.frame.marshal(ContentBody(b"cinema,1"), 1)[:-3]
     with pytest.raises(AMQPConnectionError, match="unexpectedly closed"):
-        await fastpath.get_frame(FrameReceiver(stream(data)))
+        await reader.get_frame(FrameReceiver(stream(data)))
 
 
 @pytest.mark.parametrize(
     ("packed", "method"),
     [
-        (fastpath.ack(7, 2**40, multiple=True), spec.Basic.Ack(2**40, True)),
-        (fastpath.ack(1, 5), spec.Basic.Ack(5, False)),
-        (fastpath.reject(3, 9, requeue=True), spec.Basic.Reject(9, True)),
-        (fastpath.nack(2, 4, multiple=True, requeue=False), spec.Basic.Nack(4, True, False)),
+        (wire.ack(7, 2**40, multiple=True), spec.Basic.Ack(2**40, True)),
+        (wire.ack(1, 5), spec.Basic.Ack(5, False)),
+        (wire.reject(3, 9, requeue=True), spec.Basic.Reject(9, True)),
+        (wire.nack(2, 4, multiple=True, requeue=False), spec.Basic.Nack(4, True, False)),
     ],
     ids=["ack-multiple", "ack", "reject-requeue", "nack"],
 )
@@ -125,13 +125,13 @@ def test_hand_packed_frames_match_pamqp(packed: bytes, method: Any) -> None:
 
 
 def test_the_installed_aiormq_and_pamqp_are_accepted() -> None:
-    assert fastpath.usable()
+    assert gate.usable()
 
 
 async def test_install_changes_only_the_connection_it_is_given() -> None:
     ours = aiormq.Connection("amqp://127.0.0.1/")
     theirs = aiormq.Connection("amqp://127.0.0.1/")
-    assert fastpath.install(ours)
+    assert reader.install(ours)
     assert "_Connection__reader" in vars(ours)
     assert "_Connection__reader" not in vars(theirs)
     assert FrameReceiver.get_frame is AIORMQ_GET_FRAME
@@ -163,15 +163,15 @@ def fake_versions(**versions: str | None) -> Any:
 async def test_an_unknown_version_is_refused_and_said_once(
     monkeypatch: pytest.MonkeyPatch, versions: dict[str, str | None], reason: str
 ) -> None:
-    monkeypatch.setattr(fastpath, "_version", fake_versions(**versions))
-    monkeypatch.setattr(fastpath, "_reported", set())
+    monkeypatch.setattr(gate, "_version", fake_versions(**versions))
+    monkeypatch.setattr(gate, "_reported", set())
     connection = aiormq.Connection("amqp://127.0.0.1/")
     # An unopened channel: a refused fast path touches nothing of it.
     channel = aiormq.Channel.__new__(aiormq.Channel)
     with capture_logs() as logs:
-        assert not fastpath.install(connection)
-        assert not fastpath.deliver_directly(channel, deliver)
-        assert not fastpath.usable()
+        assert not reader.install(connection)
+        assert not delivery.deliver_directly(channel, deliver)
+        assert not gate.usable()
     assert "_Connection__reader" not in vars(connection)
     assert "_on_deliver_frame" not in vars(channel)
     assert logs == [
@@ -202,9 +202,9 @@ def test_an_aiormq_internal_gone_is_refused(
     monkeypatch: pytest.MonkeyPatch, owner: type, attribute: str
 ) -> None:
     monkeypatch.delattr(owner, attribute)
-    monkeypatch.setattr(fastpath, "_reported", set())
+    monkeypatch.setattr(gate, "_reported", set())
     with capture_logs() as logs:
-        assert not fastpath.usable()
+        assert not gate.usable()
     assert logs[0]["reason"].endswith(f"{owner.__name__}.{attribute} is gone")
 
 
@@ -334,7 +334,7 @@ async def test_strings_that_are_not_utf8_decode_with_surrogate_escapes_where_pam
         pamqp.frame.unmarshal(data)
     with pytest.raises(InvalidFrameError):
         await AIORMQ_GET_FRAME(FrameReceiver(stream(data)))
-    _, channel, ours = await fastpath.get_frame(FrameReceiver(stream(data)))
+    _, channel, ours = await reader.get_frame(FrameReceiver(stream(data)))
     assert channel == 1
     found = dig(ours, path)
     if path[-1] == "x-\udcff":  # a header name: its table holds it, escaped
@@ -395,7 +395,7 @@ class DirectChannel:
 
 def receiver_of(data: bytes, connection: FakeConnection | None) -> FrameReceiver:
     receiver = FrameReceiver(stream(data))
-    setattr(receiver, fastpath._CONNECTION_OF, connection)
+    setattr(receiver, reader._CONNECTION_OF, connection)
     return receiver
 
 
@@ -404,7 +404,7 @@ async def test_a_header_nothing_decodes_is_marked_undecodable_on_a_direct_channe
     data: bytes, error: str
 ) -> None:
     receiver = receiver_of(data, FakeConnection(c1=DirectChannel()))
-    size, channel, header = await fastpath.get_frame(receiver)
+    size, channel, header = await reader.get_frame(receiver)
     assert (size, channel) == (len(data), 1)
     assert isinstance(header, decoding.UndecodableHeader)
     assert (header.class_id, header.body_size) == (60, 8)
@@ -420,14 +420,14 @@ async def test_a_header_nothing_decodes_elsewhere_fails_as_in_aiormq(
     plain = FakeConnection(c1=object())
     for receiver in (receiver_of(data, plain), FrameReceiver(stream(data))):
         with pytest.raises(InvalidFrameError):
-            await fastpath.get_frame(receiver)
+            await reader.get_frame(receiver)
 
 
 async def test_a_frame_with_a_bad_end_octet_fails_even_on_a_direct_channel() -> None:
     data = with_bytes(ContentHeader(0, 8, spec.Basic.Properties(message_id="?")), "?", b"\xff")
     receiver = receiver_of(data[:-1] + b"\x00", FakeConnection(c1=DirectChannel()))
     with pytest.raises(InvalidFrameError, match="Last byte"):
-        await fastpath.get_frame(receiver)
+        await reader.get_frame(receiver)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -453,7 +453,7 @@ async def test_hostile_frames_decode_or_raise_invalid_frame_and_never_hang(
     data = struct.pack(">BHI", frame_type, 1, len(payload)) + payload + b"\xce"
     receiver = receiver_of(data, FakeConnection(c1=DirectChannel()))
     try:
-        size, _, _ = await asyncio.wait_for(fastpath.get_frame(receiver), 1)
+        size, _, _ = await asyncio.wait_for(reader.get_frame(receiver), 1)
     except InvalidFrameError:
         return
     assert size == len(data)
@@ -483,15 +483,15 @@ async def delivered_from(
 
 async def test_a_delivery_for_an_unknown_consumer_is_dropped_and_counted() -> None:
     got: list[DeliveredMessage] = []
-    channel = open_channel({"ctag": fastpath.ignore})
-    assert fastpath.deliver_directly(channel, got.append)
-    before = fastpath.counts.unknown_consumer
+    channel = open_channel({"ctag": delivery.ignore})
+    assert delivery.deliver_directly(channel, got.append)
+    before = events.counts.unknown_consumer
     header = ContentHeader(0, 2, spec.Basic.Properties())
     with capture_logs() as logs:
         await delivered_from(channel, spec.Basic.Deliver("gone", 1, False, "", "q"), header, b"no")
         await delivered_from(channel, spec.Basic.Deliver("ctag", 2, False, "", "q"), header, b"ok")
     assert [raw.body for raw in got] == [b"ok"]
-    assert fastpath.counts.unknown_consumer == before + 1
+    assert events.counts.unknown_consumer == before + 1
     assert logs == [
         {
             "event": "dropping a delivery for a consumer the channel does not know",
@@ -510,18 +510,18 @@ async def test_an_undecodable_delivery_is_rejected_without_requeue_and_logged(
 ) -> None:
     got: list[DeliveredMessage] = []
     settled: list[int] = []
-    channel = open_channel({"ctag": fastpath.ignore})
-    assert fastpath.deliver_directly(
+    channel = open_channel({"ctag": delivery.ignore})
+    assert delivery.deliver_directly(
         channel, got.append, queue="bookings", no_ack=no_ack, settled_here=settled.append
     )
-    before = fastpath.counts.undecodable_rejected
+    before = events.counts.undecodable_rejected
     header = decoding.UndecodableHeader(payload_of(ContentHeader(0, 3)), ValueError("year 55840"))
     deliver = spec.Basic.Deliver("ctag", 9, True, "", "bookings.\udcff")
     with capture_logs() as logs:
         await delivered_from(channel, deliver, header, b"bad")
         await delivered_from(channel, spec.Basic.Deliver("ctag", 10), ContentHeader(), b"")
     assert [raw.delivery.delivery_tag for raw in got] == [10]
-    assert fastpath.counts.undecodable_rejected == before + 1
+    assert events.counts.undecodable_rejected == before + 1
     assert settled == [9]  # so that an acknowledger's low-water mark can pass it
     [line] = logs
     assert line["log_level"] == "error"
@@ -541,17 +541,17 @@ async def test_an_undecodable_delivery_is_rejected_without_requeue_and_logged(
 # Acknowledgement frames written: in one write, or through aiormq's public calls.
 
 PACKED = [
-    fastpath.ack(1, 5, multiple=True),
-    fastpath.reject(1, 6, requeue=False),
-    fastpath.nack(1, 7, multiple=False, requeue=True),
-    fastpath.reject(1, 8, requeue=True),
-    fastpath.ack(1, 9),
+    wire.ack(1, 5, multiple=True),
+    wire.reject(1, 6, requeue=False),
+    wire.nack(1, 7, multiple=False, requeue=True),
+    wire.reject(1, 8, requeue=True),
+    wire.ack(1, 9),
 ]
 
 
 async def test_write_frames_queues_the_packed_frames_as_one_write() -> None:
     channel = open_channel({})
-    await fastpath.write_frames(channel, b"".join(PACKED))
+    await delivery.write_frames(channel, b"".join(PACKED))
     written = channel.write_queue.get_nowait()
     assert (written.payload, written.should_close) == (b"".join(PACKED), False)
     assert channel.write_queue.empty()
@@ -582,10 +582,10 @@ async def test_without_the_fast_path_write_frames_makes_aiormqs_public_calls(
     monkeypatch: pytest.MonkeyPatch, refused: bool
 ) -> None:
     if refused:
-        monkeypatch.setattr(fastpath, "_version", fake_versions(aiormq="7.3.0"))
-        monkeypatch.setattr(fastpath, "_reported", set())
+        monkeypatch.setattr(gate, "_version", fake_versions(aiormq="7.3.0"))
+        monkeypatch.setattr(gate, "_reported", set())
     channel = PublicCalls()
-    await fastpath.write_frames(channel, b"".join(PACKED))  # type: ignore[arg-type]
+    await delivery.write_frames(channel, b"".join(PACKED))  # type: ignore[arg-type]
     # The frames those calls send are the ones packed, in order.
     assert b"".join(pamqp.frame.marshal(frame, 1) for frame in channel.sent) == b"".join(PACKED)
 
@@ -594,10 +594,10 @@ async def test_without_the_fast_path_write_frames_makes_aiormqs_public_calls(
 async def test_a_channel_without_what_the_fast_path_uses_is_refused(
     monkeypatch: pytest.MonkeyPatch, attribute: str
 ) -> None:
-    monkeypatch.setattr(fastpath, "_reported", set())
+    monkeypatch.setattr(gate, "_reported", set())
     channel = open_channel({})
     delattr(channel, attribute)
     with capture_logs() as logs:
-        assert not fastpath.deliver_directly(channel, deliver)
+        assert not delivery.deliver_directly(channel, deliver)
     assert "_on_deliver_frame" not in vars(channel)
     assert logs[0]["reason"].startswith(f"aiormq's Channel has no {attribute}")

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from ingest import Handlers, InMemoryProducer, Message, Pipeline, Processors
-from ingest.rabbitmq import _fastpath as fastpath
+from ingest.rabbitmq._aiormq import events
 from ingest.service.metrics import ChunkedHistogram, Metrics
 from ingest.testing import send_batch
 
@@ -39,7 +39,7 @@ async def test_the_state_and_restarts_of_a_pipeline_are_gauges_read_when_scraped
 
 
 def test_the_fast_paths_frame_counters_are_exported(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fastpath, "counts", fastpath.Counts(leniently_decoded=3))
+    monkeypatch.setattr(events, "counts", events.Counts(leniently_decoded=3))
     metrics = Metrics()
     assert sample(metrics, 'ingest_frame_events_total{event="leniently_decoded"}') == 3
     assert sample(metrics, 'ingest_frame_events_total{event="unknown_consumer"}') == 0

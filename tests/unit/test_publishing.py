@@ -25,10 +25,10 @@ from structlog.testing import capture_logs
 
 from ingest.exceptions import PublishError, Unroutable
 from ingest.rabbitmq import PUBLISHED_AT_HEADER, OutgoingMessage, Publisher
-from ingest.rabbitmq import _fastpath as fastpath
-from ingest.rabbitmq import _packing as packing
-from ingest.rabbitmq import _publishing as publishing
+from ingest.rabbitmq._aiormq import gate, publishing
+from ingest.rabbitmq._aiormq.internals import PUBLISHING_CHANNEL
 from ingest.rabbitmq._copies import CopyProperties, copy_properties
+from ingest.rabbitmq._wire import pack, pack_copy
 from ingest.rabbitmq.publisher import STAMP_INTERVAL_S
 
 FRAME_MAX = 4096  # small, so that a body of a few KiB is split as aiormq splits it
@@ -181,7 +181,7 @@ def test_packed_frames_are_pamqps_frames_of_what_basic_publish_builds(
         for start in range(0, len(m.body), max_content_size):
             frames.append(ContentBody(m.body[start : start + max_content_size]))
     expected = ChannelFrame.marshall(channel_number=channel, frames=frames).payload
-    payload, message_ids = packing.pack(channel, max_content_size, messages)
+    payload, message_ids = pack(channel, max_content_size, messages)
     assert payload == expected
     assert message_ids == [m.message_id for m in messages]
 
@@ -231,7 +231,7 @@ async def test_a_packed_copy_is_what_aiormqs_basic_publish_sends(wire: Wire, siz
 
 
 async def test_a_copy_without_a_message_id_gets_one_as_with_aiormq(wire: Wire) -> None:
-    payload, message_id = packing.pack_copy(1, 100, "q", copy_of(message_id=None), b"x")
+    payload, message_id = pack_copy(1, 100, "q", copy_of(message_id=None), b"x")
     [_, (_, _, header), _] = decoded(payload)
     assert header["properties"]["message_id"] == message_id
     assert len(message_id) == 32
@@ -260,7 +260,7 @@ def test_a_large_copy_is_held_once_more_not_three_times() -> None:
     properties = copy_of()
     tracemalloc.start()
     try:
-        payload, _ = packing.pack_copy(1, 131_064, "q.dlq", properties, body)
+        payload, _ = pack_copy(1, 131_064, "q.dlq", properties, body)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -444,8 +444,8 @@ async def test_a_channel_without_raising_returns_gets_aiormqs_publish() -> None:
 async def test_a_refused_fast_path_publishes_with_aiormq_and_says_why(
     monkeypatch: pytest.MonkeyPatch, wire: Wire
 ) -> None:
-    monkeypatch.setattr(fastpath, "_version", lambda name: "7.3.0")
-    monkeypatch.setattr(fastpath, "_reported", set())
+    monkeypatch.setattr(gate, "_version", lambda name: "7.3.0")
+    monkeypatch.setattr(gate, "_reported", set())
     with capture_logs() as logs:
         publish = publishing.batch_publisher(wire.channel)
     assert publish.func is publishing._publish_publicly  # type: ignore[attr-defined]
@@ -469,7 +469,7 @@ async def test_a_refused_fast_path_publishes_with_aiormq_and_says_why(
 async def test_a_channel_without_what_the_fast_path_uses_is_refused(
     monkeypatch: pytest.MonkeyPatch, wire: Wire, attribute: str, reason: str
 ) -> None:
-    monkeypatch.setattr(fastpath, "_reported", set())
+    monkeypatch.setattr(gate, "_reported", set())
     monkeypatch.setattr(wire.channel, attribute, None)
     with capture_logs() as logs:
         publish = publishing.batch_publisher(wire.channel)
@@ -485,9 +485,9 @@ def test_an_aiormq_confirmation_handler_gone_is_refused(
 ) -> None:
     assert importlib.metadata.version("aiormq").startswith("7.2.")
     monkeypatch.delattr(aiormq.Channel, method)
-    monkeypatch.setattr(fastpath, "_reported", set())
+    monkeypatch.setattr(gate, "_reported", set())
     channel = aiormq.Channel.__new__(aiormq.Channel)
-    for name, kind in publishing._CHANNEL_ATTRIBUTES:
+    for name, kind in PUBLISHING_CHANNEL:
         setattr(channel, name, kind())
     with capture_logs() as logs:
         assert not publishing._channel_usable(channel)

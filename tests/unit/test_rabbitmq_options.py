@@ -18,8 +18,8 @@ from ingest.rabbitmq import (
     RetryPolicy,
 )
 from ingest.rabbitmq._backoff import reconnect_delay
-from ingest.rabbitmq._connection import redact
 from ingest.rabbitmq.acknowledger import ChannelAcknowledger
+from ingest.rabbitmq.connection import redact
 
 
 class Routes(Handlers):

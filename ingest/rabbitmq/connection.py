@@ -1,4 +1,6 @@
-"""Opening an AMQP connection the same way for consumers and publishers."""
+"""Opening an AMQP connection the same way for consumers, publishers and the service's
+tools: the brokers of a URL in turn, a client name, the URL redacted for logs, and what
+counts as a connection error."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 import aiormq
 from yarl import URL
 
-from ingest.rabbitmq import _fastpath as fastpath
+from ingest.rabbitmq._aiormq.reader import open_fast_connection
 
 
 def client_name(role: str) -> str:
@@ -70,9 +72,7 @@ async def _open(
     parsed = URL(url)
     if heartbeat is not None and "heartbeat" not in parsed.query:
         parsed = parsed.update_query(heartbeat=heartbeat)
-    return await fastpath.open_fast_connection(
-        parsed, context=ssl_context, client_properties=properties
-    )
+    return await open_fast_connection(parsed, context=ssl_context, client_properties=properties)
 
 
 def redact(url: str) -> str:

@@ -1,9 +1,10 @@
-"""Publishes packed by hand: basic.publish, content header and body frames of many
-messages as one payload, in the AMQP 0-9-1 wire format and nothing else.
+"""AMQP 0-9-1 on the wire: frame types, the frame header and end, and frames packed by
+hand (acknowledgements; publishes, many messages as one payload).
 
 pamqp builds a `Basic.Properties` and a `ContentHeader` per message and marshals each
-through its generic, per-attribute encoder, the largest cost of a publish. No library
-internals here; a unit test compares the bytes with those aiormq's `basic_publish` writes.
+through its generic, per-attribute encoder, the largest cost of a publish. Only the wire
+format here, no library internals (pamqp's public encoders at most); unit tests compare
+the bytes with pamqp's and with those aiormq's `basic_publish` writes.
 """
 
 from __future__ import annotations
@@ -22,10 +23,15 @@ from pamqp.header import ContentHeader
 if TYPE_CHECKING:
     from ingest.rabbitmq.publisher import OutgoingMessage
 
-_FRAME = struct.Struct(">BHI")
-_CONTENT_HEADER = struct.Struct(">BHIHHQH")  # frame header, class, weight, body size, flags
-_HEADER, _BODY = 2, 3
-_END = b"\xce"
+# Frame types, the frame header (type, channel, payload size) and the frame-end octet.
+METHOD, CONTENT_HEADER, BODY = 1, 2, 3
+FRAME_HEADER = struct.Struct(">BHI")
+FRAME_END = 0xCE
+_END = bytes((FRAME_END,))
+
+# Publishes.
+
+_HEADER_FRAME = struct.Struct(">BHIHHQH")  # frame header, class, weight, body size, flags
 _BASIC = 60
 # Property flags of Basic.Properties, and the order of the properties in a content header.
 _CONTENT_TYPE, _HEADERS, _DELIVERY_MODE = 0x8000, 0x2000, 0x1000
@@ -54,8 +60,8 @@ def pack(
         flags, properties = _properties(message, message_id)
         parts.append(method)
         parts.append(
-            _CONTENT_HEADER.pack(
-                _HEADER, channel, 14 + len(properties), _BASIC, 0, len(body), flags
+            _HEADER_FRAME.pack(
+                CONTENT_HEADER, channel, 14 + len(properties), _BASIC, 0, len(body), flags
             )
         )
         parts.append(properties)
@@ -93,12 +99,12 @@ def _add_body(
     than one frame is cut in views of it, so that joining `parts` is its only copy."""
     if len(body) <= max_content_size:
         if body:
-            parts += (_FRAME.pack(_BODY, channel, len(body)), body, _END)
+            parts += (FRAME_HEADER.pack(BODY, channel, len(body)), body, _END)
         return
     view = memoryview(body)
     for start in range(0, len(body), max_content_size):
         chunk = view[start : start + max_content_size]
-        parts += (_FRAME.pack(_BODY, channel, len(chunk)), chunk, _END)
+        parts += (FRAME_HEADER.pack(BODY, channel, len(chunk)), chunk, _END)
 
 
 @functools.lru_cache(maxsize=256)
@@ -136,3 +142,25 @@ def _shortstr(text: str, name: str) -> bytes:
     if len(data) > 255:
         raise TypeError(f"{name} exceeds maximum length of 255 bytes ({len(data)} bytes)")
     return bytes((len(data),)) + data
+
+
+# Acknowledgement frames, packed by hand so that many go in one write and none is built
+# through pamqp. A basic.ack / basic.reject / basic.nack method frame is 21 bytes: frame
+# type 1, channel, payload size 13, class 60, method id, the delivery tag and one byte of
+# flags, then 0xCE; `ACK_FRAME` also unpacks them (to send them through aiormq's public calls).
+
+ACK_FRAME = struct.Struct(">BHIHHQBB")
+ACK, REJECT, NACK = 80, 90, 120
+
+
+def ack(channel: int, delivery_tag: int, *, multiple: bool = False) -> bytes:
+    return ACK_FRAME.pack(1, channel, 13, 60, ACK, delivery_tag, multiple, FRAME_END)
+
+
+def reject(channel: int, delivery_tag: int, *, requeue: bool) -> bytes:
+    return ACK_FRAME.pack(1, channel, 13, 60, REJECT, delivery_tag, requeue, FRAME_END)
+
+
+def nack(channel: int, delivery_tag: int, *, multiple: bool, requeue: bool) -> bytes:
+    flags = int(multiple) | int(requeue) << 1
+    return ACK_FRAME.pack(1, channel, 13, 60, NACK, delivery_tag, flags, FRAME_END)

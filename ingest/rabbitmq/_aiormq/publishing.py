@@ -1,11 +1,11 @@
-"""The publisher's fast path: a batch of publishes packed by hand, written at once and
-confirmed by delivery tag through aiormq's own confirmation handling."""
+"""Confirmed publishing on the fast path: a batch of publishes (`batch_publisher`) or a
+copy (`copy_publisher`) packed by hand, written at once and confirmed by delivery tag
+through aiormq's own confirmation handling; aiormq's `basic_publish` when it does not fit."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
@@ -15,9 +15,10 @@ from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp import commands as spec
 
 from ingest.exceptions import PublishError, Unroutable
-from ingest.rabbitmq import _fastpath as fastpath
-from ingest.rabbitmq._connection import CONNECTION_ERRORS
-from ingest.rabbitmq._packing import pack, pack_copy
+from ingest.rabbitmq._aiormq.gate import fits
+from ingest.rabbitmq._aiormq.internals import PUBLISHING_CHANNEL
+from ingest.rabbitmq._wire import pack, pack_copy
+from ingest.rabbitmq.connection import CONNECTION_ERRORS
 
 if TYPE_CHECKING:
     from ingest.rabbitmq.publisher import OutgoingMessage
@@ -72,36 +73,10 @@ def copy_publisher(channel: aiormq.abc.AbstractChannel) -> PublishCopy:
     return functools.partial(_publish_copy_publicly, channel)
 
 
-# Instance attributes of an open channel used here (aiormq sets them in `Channel.__init__`):
-# the next publish sequence number, the futures aiormq's `_on_confirm_frame` and
-# `_on_return_frame` settle by delivery tag (a close rejects pending ones through the
-# channel's future store, not through this table), and the message id of each publish, by
-# which `_on_return_frame` finds a returned message's delivery tag.
-_CHANNEL_ATTRIBUTES = (
-    ("delivery_tag", int),
-    ("confirmations", OrderedDict),
-    ("message_id_delivery_tag", dict),
-    ("max_content_size", int),
-    ("write_queue", asyncio.Queue),
-)
-# aiormq's handlers that settle `confirmations`, and the lock `basic_publish` holds while
-# it numbers and queues a publish.
-_CHANNEL_METHODS = ("_on_confirm_frame", "_confirm_delivery", "_on_return_frame", "create_future")
-
-
 def _channel_usable(channel: object) -> TypeGuard[aiormq.Channel]:
-    if not isinstance(channel, aiormq.Channel) or not fastpath.usable():
-        return False
-    for name, kind in _CHANNEL_ATTRIBUTES:
-        if not isinstance(getattr(channel, name, None), kind):
-            fastpath._refuse(f"aiormq's Channel has no {name} {kind.__name__}")
-            return False
-    for name in _CHANNEL_METHODS:
-        if not callable(getattr(type(channel), name, None)):
-            fastpath._refuse(f"aiormq.Channel.{name} is gone")
-            return False
-    if not isinstance(getattr(type(channel), "lock", None), property):
-        fastpath._refuse("aiormq.Channel.lock is gone")
+    # The aiormq internals used here, each with what it is for: `internals.INTERNALS`
+    # (aiormq's confirm and return handlers and `lock` are checked by the version gate).
+    if not fits(channel, PUBLISHING_CHANNEL):
         return False
     # Without confirms there is nothing to wait for; without `on_return_raises` a return
     # settles as a result, which the public path below reads as aiormq does.

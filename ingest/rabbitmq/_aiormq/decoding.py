@@ -11,8 +11,8 @@ from pamqp.base import Frame
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-# Written for pamqp 4 from its public classes and decoders; the fast path checks pamqp's
-# version (and `LAYOUT_PROBLEM`) before its reader uses any of this.
+# Written for pamqp 4 from its public classes and decoders; the version gate (`gate`) checks
+# pamqp's version (and `LAYOUT_PROBLEM`) before the reader uses any of this.
 
 # A delivery, fast: its basic.deliver and content header decoded without pamqp's generic
 # decoder; a header with a headers table or a timestamp is left to pamqp.
