@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 from ingest._buffer import Buffer
 from ingest._runtime import Batch, Runtime, describe_return, reraise_own_cancellation
+from ingest._span import Span
 from ingest.batch_info import BatchInfo
-from ingest.events import Event
 from ingest.message import OK, Failed, Message, fail_with_exception
 
 
@@ -24,22 +23,22 @@ async def run_batch_processor(rt: Runtime, name: str, inbox: Buffer[Batch]) -> N
 async def process_batch(rt: Runtime, name: str, batch: Batch) -> None:
     messages = batch.messages
     info = BatchInfo(batch.batcher, batch.batch_key, batch.partition, len(messages), batch.trigger)
-    started = time.perf_counter()
-    successful, failed = await call_handle_batch(rt, name, messages, info)
+    span = batch_span(rt, name, messages, info).start()
+    successful, failed = await call_handle_batch(rt, span, messages, info)
     await rt.settle(name, "batch_processor", successful, failed)
-    emit_batch_stop(rt, name, messages, info, started, successful, failed)
+    span.stop(successful=len(successful), failed=len(failed))
+
+
+def batch_span(rt: Runtime, name: str, messages: list[Message], info: BatchInfo) -> Span:
+    """The span of one `handle_batch` call (`batch.*` events), by batch processor `name`."""
+    return Span(rt.events, "batch", rt.pipeline, name, "batch_processor", messages, info)
 
 
 async def call_handle_batch(
-    rt: Runtime, name: str, messages: list[Message], info: BatchInfo
+    rt: Runtime, span: Span, messages: list[Message], info: BatchInfo
 ) -> tuple[list[Message], list[Message]]:
-    """`handle_batch` on a batch, with its `batch.start` (and `batch.exception`) events;
+    """`handle_batch` on a batch (`span` started: its `batch.exception` if it raised);
     the batch's successful and failed messages (all failed if it raised)."""
-    events = rt.events
-    if events:
-        events.emit(
-            Event("batch.start", rt.pipeline, name, "batch_processor", messages, batch_info=info)
-        )
     try:
         # A copy: a hook that filters the list in place cannot make messages vanish.
         returned = await rt.handlers.handle_batch(info.batcher, list(messages), info, rt.context)
@@ -51,45 +50,9 @@ async def call_handle_batch(
         reraise_own_cancellation(exc)
         for message in messages:
             fail_with_exception(message, exc, "handle_batch")
-        if events:
-            events.emit(
-                Event(
-                    "batch.exception",
-                    rt.pipeline,
-                    name,
-                    "batch_processor",
-                    messages,
-                    batch_info=info,
-                    exception=exc,
-                )
-            )
+        span.exception(exc)
         return [], messages
     return _split(returned, messages)
-
-
-def emit_batch_stop(
-    rt: Runtime,
-    name: str,
-    messages: list[Message],
-    info: BatchInfo,
-    started: float,
-    successful: list[Message],
-    failed: list[Message],
-) -> None:
-    if rt.events:
-        rt.events.emit(
-            Event(
-                "batch.stop",
-                rt.pipeline,
-                name,
-                "batch_processor",
-                messages,
-                duration=time.perf_counter() - started,
-                successful=len(successful),
-                failed=len(failed),
-                batch_info=info,
-            )
-        )
 
 
 def _split(returned: list[Message], batch: list[Message]) -> tuple[list[Message], list[Message]]:

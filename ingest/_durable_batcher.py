@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import structlog
 
-from ingest._batch_processor import call_handle_batch, emit_batch_stop
+from ingest._batch_processor import batch_span, call_handle_batch
 from ingest._buffer import Buffer
 from ingest._runtime import Runtime, reraise_own_cancellation
 from ingest.acknowledger import NOOP_ACKNOWLEDGER
@@ -240,9 +240,9 @@ class Flusher:
         info = BatchInfo(
             stage.name, window.batch_key, None, len(messages), window.trigger, window.id
         )
-        started = time.perf_counter()
-        successful, failed = await call_handle_batch(rt, self.worker, messages, info)
-        emit_batch_stop(rt, self.worker, messages, info, started, successful, failed)
+        span = batch_span(rt, self.worker, messages, info).start()
+        successful, failed = await call_handle_batch(rt, span, messages, info)
+        span.stop(successful=len(successful), failed=len(failed))
         attempt = window.attempts + 1
         raised = [m for m in failed if isinstance(m.status, Failed) and m.status.exception]
         if raised and attempt < stage.windows.max_attempts:

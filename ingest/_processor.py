@@ -9,7 +9,7 @@ from typing import cast
 from ingest._buffer import Buffer
 from ingest._deadline import Deadline
 from ingest._runtime import Runtime, describe_return, reraise_own_cancellation
-from ingest.events import Event
+from ingest._span import Span
 from ingest.message import OK, Failed, Message, fail_with_exception
 
 PROCESSOR_KEY = "default"
@@ -38,9 +38,7 @@ async def run_processor(rt: Runtime, name: str, inbox: Buffer[Message], max_dema
 
 async def process_chunk(rt: Runtime, name: str, chunk: list[Message]) -> None:
     events = rt.events
-    started = time.perf_counter()
-    if events:
-        events.emit(Event("processor.start", rt.pipeline, name, "processor", chunk))
+    span = Span(events, "processor", rt.pipeline, name, "processor", chunk).start()
     done: list[Message] = []
     failed: list[Message] = []
     routed: dict[str, list[Message]] = {}
@@ -66,10 +64,7 @@ async def process_chunk(rt: Runtime, name: str, chunk: list[Message]) -> None:
             if message.is_ok:
                 fail_with_exception(message, exc, "prepare_messages")
         failed = chunk
-        if events:
-            events.emit(
-                Event("processor.exception", rt.pipeline, name, "processor", chunk, exception=exc)
-            )
+        span.exception(exc)
     else:
         await _handle_messages(rt, prepared, done, failed, routed, durations)
 
@@ -77,20 +72,7 @@ async def process_chunk(rt: Runtime, name: str, chunk: list[Message]) -> None:
         await rt.batcher_inboxes[batcher].put_many(messages)
     if done or failed:
         await rt.settle(name, "processor", done, failed)
-    if events:
-        events.emit(
-            Event(
-                "processor.stop",
-                rt.pipeline,
-                name,
-                "processor",
-                chunk,
-                duration=time.perf_counter() - started,
-                successful=len(chunk) - len(failed),
-                failed=len(failed),
-                durations=durations or (),
-            )
-        )
+    span.stop(successful=len(chunk) - len(failed), failed=len(failed), durations=durations or ())
 
 
 async def _handle_messages(
@@ -133,12 +115,9 @@ async def _handle_one(
 ) -> object | None:
     """One handle_message call: what it returned, or None when it raised (the message is
     then failed with the exception)."""
-    events = rt.events
     # Decided once per message: a subscriber may arrive while the handler runs.
-    traced = events.per_message
-    if traced:
-        events.emit(Event("message.start", rt.pipeline, PROCESSOR_KEY, "processor", (message,)))
-    timed = traced or durations is not None
+    span = _message_span(rt, message).start() if rt.events.per_message else None
+    timed = span is not None or durations is not None
     started = time.perf_counter() if timed else 0.0
     if deadline is not None:
         deadline.begin()
@@ -150,35 +129,21 @@ async def _handle_one(
         assert error is not None
         reraise_own_cancellation(error)
         fail_with_exception(message, error, "handle_message")
-        if events:
-            events.emit(
-                Event(
-                    "message.exception",
-                    rt.pipeline,
-                    PROCESSOR_KEY,
-                    "processor",
-                    (message,),
-                    exception=error,
-                )
-            )
+        # Emitted whoever listens: a message's failure is worth its span even untraced.
+        (span or _message_span(rt, message)).exception(error)
         return None
     if deadline is not None:
         deadline.end(None)
     elapsed = time.perf_counter() - started if timed else 0.0
     if durations is not None:
         durations.append(elapsed)
-    if traced:
-        events.emit(
-            Event(
-                "message.stop",
-                rt.pipeline,
-                PROCESSOR_KEY,
-                "processor",
-                (message,),
-                duration=elapsed,
-            )
-        )
+    if span is not None:
+        span.stop(duration=elapsed)
     return result
+
+
+def _message_span(rt: Runtime, message: Message) -> Span:
+    return Span(rt.events, "message", rt.pipeline, PROCESSOR_KEY, "processor", (message,))
 
 
 def _route(

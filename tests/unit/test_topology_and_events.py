@@ -111,3 +111,67 @@ def test_subscribing_to_an_unknown_kind_is_refused() -> None:
     pipeline = Pipeline("p", Split(), InMemoryProducer())
     with pytest.raises(ValueError, match=r"unknown event kinds \['message\.begin'\]"):
         pipeline.events.subscribe(print, kinds={"message.begin"})  # type: ignore[arg-type]
+
+
+class RaisingHooks(Handlers):
+    async def prepare_messages(self, messages: list[Message], context: Any) -> list[Message]:
+        if any(message.data == "database down" for message in messages):
+            raise ConnectionError("database down")
+        return messages
+
+    async def handle_message(self, processor: str, message: Message, context: Any) -> Message:
+        return message.put_batcher("b")
+
+    async def handle_batch(self, batcher, messages, batch_info, context):  # type: ignore[no-untyped-def]
+        if any(message.data == "mail server down" for message in messages):
+            raise ConnectionError("mail server down")
+        return messages
+
+
+async def test_a_chunk_whose_prepare_messages_raised_reports_the_exception_then_stops(
+    make_pipeline: MakePipeline,
+) -> None:
+    pipeline = await make_pipeline(RaisingHooks(), batchers={"b": Batcher(batch_size=1)})
+    events: list[Event] = []
+    pipeline.events.subscribe(events.append)
+    await send_batch(pipeline, ["database down"])
+    assert [event.kind for event in events] == [
+        "processor.start",
+        "processor.exception",
+        "ack",
+        "processor.stop",
+    ]
+    start, exception, _, stop = events
+    assert isinstance(exception.exception, ConnectionError)
+    assert {event.stage for event in (start, exception, stop)} == {"processor_0"}
+    assert (stop.successful, stop.failed, stop.durations) == (0, 1, ())
+    assert stop.duration is not None
+    assert stop.duration >= 0
+
+
+async def test_a_batch_whose_handle_batch_raised_reports_the_exception_then_stops(
+    make_pipeline: MakePipeline,
+) -> None:
+    pipeline = await make_pipeline(RaisingHooks(), batchers={"b": Batcher(batch_size=1)})
+    events: list[Event] = []
+    pipeline.events.subscribe(
+        events.append, kinds={"batch.start", "batch.exception", "ack", "batch.stop"}
+    )
+    await send_batch(pipeline, ["mail server down"])
+    assert [event.kind for event in events] == [
+        "batch.start",
+        "batch.exception",
+        "ack",
+        "batch.stop",
+    ]
+    start, exception, _, stop = events
+    assert isinstance(exception.exception, ConnectionError)
+    assert start.batch_info == exception.batch_info == stop.batch_info
+    assert stop.batch_info is not None
+    assert stop.batch_info.size == 1
+    assert (stop.stage, stop.stage_kind, stop.successful, stop.failed) == (
+        "batch_processor_b_0",
+        "batch_processor",
+        0,
+        1,
+    )
