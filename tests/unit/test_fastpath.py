@@ -27,7 +27,7 @@ from pamqp.heartbeat import Heartbeat
 from structlog.testing import capture_logs
 
 from ingest.rabbitmq import _wire as wire
-from ingest.rabbitmq._aiormq import decoding, delivery, events, gate, reader
+from ingest.rabbitmq._aiormq import decoding, delivery, events, gate, internals, reader
 
 EVERY_SIMPLE_PROPERTY = spec.Basic.Properties(
     content_type="text/plain",
@@ -206,6 +206,35 @@ def test_an_aiormq_internal_gone_is_refused(
     with capture_logs() as logs:
         assert not gate.usable()
     assert logs[0]["reason"].endswith(f"{owner.__name__}.{attribute} is gone")
+
+
+@pytest.mark.parametrize(
+    "internal", internals.ON_CLASSES, ids=lambda internal: f"{internal.owner}.{internal.name}"
+)
+def test_every_internal_of_the_table_is_checked_by_the_version_gate(
+    monkeypatch: pytest.MonkeyPatch, internal: internals.Internal
+) -> None:
+    assert gate.usable()
+    owner: Any = aiormq
+    for name in internal.owner.split("."):
+        owner = getattr(owner, name)
+    # From every class that defines it (`create_future` is `Base`'s, and `AbstractBase`'s).
+    for kind in owner.__mro__:
+        if internal.name in vars(kind):
+            monkeypatch.delattr(kind, internal.name)
+    monkeypatch.setattr(gate, "_reported", set())
+    with capture_logs() as logs:
+        assert not gate.usable()
+    assert logs[0]["reason"] == f"aiormq.{internal.owner}.{internal.name} is gone"
+
+
+def test_the_table_says_what_each_internal_is_for_and_who_uses_it() -> None:
+    modules = {"reader", "delivery", "publishing"}
+    for internal in internals.INTERNALS:
+        assert internal.why, internal
+        assert set(internal.used_by) <= modules, internal
+    used = {user for internal in internals.INTERNALS for user in internal.used_by}
+    assert used == modules
 
 
 # Frames pamqp refuses: strings that are not UTF-8 (decoded with surrogate escapes), and
