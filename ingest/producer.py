@@ -153,3 +153,67 @@ class BoundProducer(Protocol):
         unacknowledged messages it may hold at once, if bounded, so that the pipeline's
         intake can hold them all."""
         ...
+
+
+# -- what a host may ask of a producer ---------------------------------------------------
+# Optional capabilities, each a small protocol: a host (the service's page, metrics,
+# readiness, dead-letter commands) checks them once, when it takes a pipeline in, and
+# never asks which class a producer is.
+
+
+@runtime_checkable
+class ConsumingProducer(Protocol):
+    """A producer fed by connections that can be down (a broker's consumers): `ready`
+    while every one consumes, and each one's state."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def consumers_ready(self) -> list[bool]: ...
+
+
+class Counters(Protocol):
+    """What a producer counted: its acknowledgement actions (`ack`, `reject`, ...) and
+    its other events (reconnects, ...), by name."""
+
+    def acknowledgements(self) -> dict[str, int]: ...
+
+    def events(self) -> dict[str, int]: ...
+
+
+@runtime_checkable
+class CountingProducer(Protocol):
+    """A producer that counts what it did (the service shows the counters as metrics)."""
+
+    @property
+    def stats(self) -> Counters: ...
+
+
+@runtime_checkable
+class QueueProducer(Protocol):
+    """A producer consuming named queues: `work_queues()` those it consumes (where a
+    dead letter is replayed to, where `ingest publish` sends), `queues()` those and the
+    ones beside them that hold its messages for a while (retries, dead letters)."""
+
+    def work_queues(self) -> list[str]: ...
+
+    def queues(self) -> list[str]: ...
+
+
+@runtime_checkable
+class PrefetchingProducer(Protocol):
+    """A producer that holds at most `prefetch` unacknowledged messages at once, known
+    once the pipeline is built (see `BoundProducer`)."""
+
+    @property
+    def prefetch(self) -> int: ...
+
+
+@runtime_checkable
+class FiniteProducer(Protocol):
+    """A producer whose input ends (a file): `finished` is set once every message it
+    made was settled."""
+
+    @property
+    def finished(self) -> asyncio.Event: ...

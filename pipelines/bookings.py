@@ -11,27 +11,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from ingest import Batcher, BatchInfo, Handlers, Message, Pipeline, Processors
-from ingest.producers.csv_file import CsvFileProducer
-from ingest.rabbitmq import (
-    OutgoingMessage,
-    Partitions,
-    Publisher,
-    RabbitMQOptions,
-    RabbitMQProducer,
-    RetryPolicy,
-)
-from ingest.rabbitmq.connection import client_name
-from ingest.service.hosting import HostedPipeline
-from ingest.service.settings import Settings
+from pydantic import Field
+
+from ingest import Batcher, BatchInfo, Handlers, Message, Processors
+from ingest.rabbitmq import OutgoingMessage, Partitions, Publisher, RetryPolicy
+from ingest.service.declaration import Declaration
+from ingest.service.hosted import HostedPipeline
+from ingest.service.settings import PipelineSettings, Settings
+from ingest.service.upload_form import UploadForm
 from pipelines.db import Database, TicketRow
-from pipelines.mail import mailer_for
-from pipelines.notifications import partitions_of
+from pipelines.mail import mailer_for, sender_of
+from pipelines.notifications import NOTIFICATIONS, partitions_of
 from pipelines.payloads import Booking, PayloadError, parse_booking
 from pipelines.uploads import FileUploads
 
 QUEUE = "bookings_queue"
-NOTIFICATIONS_QUEUE = "notifications_queue"
 JSON = "application/json"
 ROUTED_EVENTS = ("cinema", "musical")
 # Two batch processors per batcher: a batch waits about 10 ms for its INSERT's commit and
@@ -188,65 +182,59 @@ def sample_bookings(count: int) -> list[bytes]:
     return [f"{random.choice(SAMPLE_EVENTS)},{random.randint(1, 3)}".encode() for _ in range(count)]
 
 
+class BookingsSettings(PipelineSettings):
+    """`INGEST_PIPELINES__BOOKINGS__...`: the common settings, and the events whose
+    bookings are closed (they fail with "bookings-closed")."""
+
+    closed_events: list[str] = Field(default_factory=list)
+
+
+BOOKINGS = Declaration(
+    "bookings",
+    queue=QUEUE,
+    settings=BookingsSettings,
+    processors=Processors(concurrency=2, max_demand=50),
+    batchers=BATCHERS,
+    retry=RETRY,
+    handler_timeout=10.0,
+)
+# Uploaded files: rows of the same payloads as the queue's.
+UPLOADS = UploadForm("bookings", ("event", "user_id"))
+
+
+@BOOKINGS.factory
 def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
-    config = settings.pipeline("bookings")
+    wiring = BOOKINGS.wire(settings, source)
     db = Database(settings.database_url.get_secret_value())
-    notifications = settings.pipeline("notifications")
-    notifications_queue = notifications.queue or NOTIFICATIONS_QUEUE
     partitions = partitions_of(settings)
-    address = to_partitions(partitions) if partitions else to_queue(notifications_queue)
+    notifications = NOTIFICATIONS.config(settings)
+    queue = NOTIFICATIONS.queue_of(settings)
+    address = to_partitions(partitions) if partitions else to_queue(queue)
     publisher: Publisher | None = None
-    producer: CsvFileProducer | RabbitMQProducer
     if source is not None:
-        producer = CsvFileProducer(source)
         notifier: Notifier = FileNotifier(source.with_name(f"{source.stem}.notifications.jsonl"))
     else:
-        url = settings.amqp_url.get_secret_value()
-        queue = config.queue or QUEUE
-        producer = RabbitMQProducer(
-            RabbitMQOptions(
-                queue=queue,
-                declare=config.queue_declare(queue),
-                url=url,
-                connection_name=client_name("ingest-bookings"),
-                prefetch_count=config.prefetch_count,
-                retry=config.retry_policy(RETRY),
-                # headers: the publish time some carry (the live page's publish-to-ack latency)
-                metadata=("message_id", "redelivered", "headers"),
-            )
-        )
-        publisher = Publisher(
-            url,
-            connection_name=client_name("ingest-bookings-publisher"),
+        publisher = wiring.publisher(
+            "publisher",
             # What publishing needs, declared even before the notifications consume.
-            declare_queues={}
-            if partitions
-            else {notifications_queue: notifications.queue_declare(notifications_queue)},
+            declare_queues={} if partitions else {queue: notifications.queue_declare(queue)},
             after_connect=partitions.publisher_hook(notifications.queue_declare)
             if partitions
             else None,
         )
         notifier = QueueNotifier(publisher)
-    handlers = BookingHandlers(
-        db, notifier, address, set(config.closed_events), settings.max_body_bytes
-    )
-
-    def make(name: str, producer: CsvFileProducer | RabbitMQProducer) -> Pipeline:
-        from_broker = isinstance(producer, RabbitMQProducer)
-        return Pipeline(
-            name,
-            handlers,
-            producer,
-            processors=config.processor_options(Processors(concurrency=2, max_demand=50)),
-            batchers=config.batcher_options(BATCHERS),
-            circuit_breaker=config.circuit_breaker_options() if from_broker else None,
-            shutdown_timeout=settings.shutdown_timeout,
-            handler_timeout=10.0,
-        )
-
+    closed = set(wiring.config.closed_events)
+    handlers = BookingHandlers(db, notifier, address, closed, settings.max_body_bytes)
     # Uploads from the page go through the same handlers, database and notifier.
     uploads = (
-        FileUploads(make, mailer_for(settings), settings.mail_from) if source is None else None
+        FileUploads(
+            lambda name, producer: wiring.pipeline(handlers, producer, name=name),
+            mailer_for(settings),
+            sender_of(settings),
+            UPLOADS,
+        )
+        if source is None
+        else None
     )
 
     async def shutdown() -> None:
@@ -256,9 +244,8 @@ def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
             await publisher.close()
         await db.close()
 
-    return HostedPipeline.of(
-        make("bookings", producer),
-        config.queue or QUEUE,
+    return wiring.host(
+        wiring.pipeline(handlers),
         startup=db.start,
         shutdown=shutdown,
         samples=sample_bookings,

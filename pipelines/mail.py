@@ -57,6 +57,15 @@ def mailer_for(settings: Settings, connections: int = 1) -> Mailer:
     return OutboxMailer(settings.mail_outbox)
 
 
+# The digests' and reports' sender when INGEST_MAIL_FROM is not set.
+SENDER = "tickets@ingest.local"
+
+
+def sender_of(settings: Settings) -> str:
+    """Who the app's emails come from: INGEST_MAIL_FROM, else SENDER."""
+    return settings.mail_from or SENDER
+
+
 def digest(
     sender: str,
     recipient: str,

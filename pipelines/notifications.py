@@ -8,30 +8,30 @@ import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import structlog
+from pydantic import Field, PositiveFloat
 
-from ingest import Batcher, BatchInfo, Handlers, Message, Pipeline, Processors
-from ingest.producers.csv_file import CsvFileProducer
+from ingest import Batcher, BatchInfo, Handlers, Message, Processors
 from ingest.rabbitmq import (
     OutgoingMessage,
     Partitions,
     Publisher,
     QueueDeclare,
-    RabbitMQOptions,
     RabbitMQProducer,
     RetryPolicy,
 )
-from ingest.rabbitmq.connection import client_name
 from ingest.rabbitmq.window_dead_letters import PublishedDeadLetters
-from ingest.service.hosting import HostedPipeline, Route
-from ingest.service.settings import Settings
+from ingest.service.declaration import Declaration, Wiring
+from ingest.service.hosted import HostedPipeline, Route
+from ingest.service.settings import PipelineSettings, Settings
 from ingest.sql import SqlWindowStore
 from ingest.windows import DurableWindows
 from pipelines.db import Database
-from pipelines.mail import Mailer, digest, mailer_for, window_message_id
+from pipelines.mail import Mailer, digest, mailer_for, sender_of, window_message_id
 from pipelines.payloads import Notification, PayloadError, parse_notification
 
 logger = structlog.get_logger("pipelines.notifications")
@@ -131,13 +131,37 @@ def sample_notifications(count: int) -> list[bytes]:
     return [f"email,{random.choice(emails)}".encode() for _ in range(count)]
 
 
+class NotificationsSettings(PipelineSettings):
+    """`INGEST_PIPELINES__NOTIFICATIONS__...`: the common settings, and two of its own."""
+
+    # Consume P partition queues behind a consistent-hash exchange (0: one queue); a
+    # replica subscribes to those it does not own this much later.
+    partitions: int = Field(default=0, ge=0, le=1000)
+    standby_delay: PositiveFloat = 5.0
+    # Digest windows kept in the database (notifications acknowledged once stored) rather
+    # than in unacknowledged deliveries, bounded by the prefetch.
+    durable_windows: bool = True
+
+
+NOTIFICATIONS = Declaration(
+    "notifications",
+    queue=QUEUE,
+    settings=NotificationsSettings,
+    processors=Processors(concurrency=2, max_demand=20),
+    batchers=BATCHERS,
+    retry=RETRY,
+    prefetch_count=PREFETCH,
+    handler_timeout=10.0,
+)
+
+
 def partitions_of(settings: Settings) -> Partitions | None:
     """The notifications' partitions (INGEST_PIPELINES__NOTIFICATIONS__PARTITIONS), keyed
     by the recipient, or None for one queue."""
-    config = settings.pipeline("notifications")
+    config = NOTIFICATIONS.config(settings)
     if not config.partitions:
         return None
-    return Partitions(config.queue or QUEUE, config.partitions, header=RECIPIENT_HEADER)
+    return Partitions(NOTIFICATIONS.queue_of(settings), config.partitions, header=RECIPIENT_HEADER)
 
 
 def by_recipient(message: Message) -> int:
@@ -148,40 +172,33 @@ def by_recipient(message: Message) -> int:
     return zlib.crc32(text.encode("utf-8", "surrogateescape"))
 
 
+@NOTIFICATIONS.factory
 def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
-    config = settings.pipeline("notifications")
+    config = NOTIFICATIONS.config(settings)
     # A file is read once and the service stops: windows kept for later would wait.
     durable = config.durable_windows and source is None
-    batchers = config.batcher_options(DURABLE_BATCHERS if durable else BATCHERS)
+    partitions = partitions_of(settings)
+    consumer = None
+    if partitions is not None:  # one consumer per partition, standing by for the others'
+        replica, declare_of = settings.replica(), config.queue_declare
+        consumer = partial(partitions.consumer_options, replica=replica, declare_of=declare_of)
+        consumer = partial(consumer, standby_delay=config.standby_delay)
+    prefetch = DURABLE_PREFETCH if durable else PREFETCH
+    wiring = NOTIFICATIONS.wire(settings, source, prefetch_count=prefetch, consumer=consumer)
+    batchers = wiring.batchers(DURABLE_BATCHERS if durable else BATCHERS)
     flushers = batchers["email"].concurrency
     # Each flusher's claim holds a connection (PostgreSQL), beside appends and lookups.
     db = Database(settings.database_url.get_secret_value(), flushers + 5 if durable else None)
     # One connection kept open per digest under way.
-    sending = flushers * CLAIM_LIMIT if durable else flushers
-    mailer = mailer_for(settings, connections=sending)
-    producer: CsvFileProducer | RabbitMQProducer
-    partitions = partitions_of(settings)
-    windows: Windows | None = None
-    if source is not None:
-        producer = CsvFileProducer(source)
-    else:
-        producer = RabbitMQProducer(consumer_options(settings, partitions, durable))
-        if durable:
-            windows = durable_windows(settings, db, producer)
-            batchers = {"email": replace(batchers["email"], windows=windows.options)}
-    pipeline = Pipeline(
-        "notifications",
-        NotificationHandlers(db, mailer, settings.mail_from, settings.max_body_bytes),
-        producer,
-        processors=config.processor_options(Processors(concurrency=2, max_demand=20)),
-        batchers=batchers,
-        circuit_breaker=config.circuit_breaker_options() if source is None else None,
-        # Partitioned: one recipient's notifications in order, through one processor and
-        # one batch processor of this replica.
-        partition_by=by_recipient if partitions is not None else None,
-        shutdown_timeout=settings.shutdown_timeout,
-        handler_timeout=10.0,
-    )
+    mailer = mailer_for(settings, connections=flushers * CLAIM_LIMIT if durable else flushers)
+    windows = durable_windows(wiring, db) if durable else None
+    if windows is not None:
+        batchers = {"email": replace(batchers["email"], windows=windows.options)}
+    handlers = NotificationHandlers(db, mailer, sender_of(settings), settings.max_body_bytes)
+    # Partitioned: one recipient's notifications in order, through one processor and one
+    # batch processor of this replica.
+    by_key = by_recipient if partitions is not None else None
+    pipeline = wiring.pipeline(handlers, batchers=batchers, partition_by=by_key)
 
     async def startup() -> None:
         await db.start()
@@ -194,39 +211,14 @@ def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
             await windows.close()
         await db.close()
 
-    return HostedPipeline.of(
+    return wiring.host(
         pipeline,
-        config.queue or QUEUE,
         startup=startup,
         shutdown=shutdown,
         samples=sample_notifications,
         route=route_to(partitions, config.queue_declare, settings.max_body_bytes)
         if partitions
         else None,
-    )
-
-
-def consumer_options(
-    settings: Settings, partitions: Partitions | None, durable: bool
-) -> RabbitMQOptions:
-    """How the notifications queue (or its partitions) is consumed."""
-    config = settings.pipeline("notifications")
-    queue = config.queue or QUEUE
-    options = RabbitMQOptions(
-        queue=queue,
-        declare=config.queue_declare(queue),
-        url=settings.amqp_url.get_secret_value(),
-        connection_name=client_name("ingest-notifications"),
-        prefetch_count=config.prefetch_count or (DURABLE_PREFETCH if durable else PREFETCH),
-        retry=config.retry_policy(RETRY),
-        # headers: the recipient (partitions) and the publish time some carry (the
-        # live page's publish-to-ack latency)
-        metadata=("message_id", "redelivered", "headers"),
-    )
-    if partitions is None:
-        return options
-    return partitions.consumer_options(
-        options, settings.replica(), config.queue_declare, config.standby_delay
     )
 
 
@@ -243,20 +235,17 @@ class Windows:
         await self.store.close()
 
 
-def durable_windows(settings: Settings, db: Database, producer: RabbitMQProducer) -> Windows:
+def durable_windows(wiring: Wiring[NotificationsSettings], db: Database) -> Windows:
     """Digest windows kept in the pipeline's database, their dead letters published to the
     queue's dead-letter queue (the first partition's, when partitioned)."""
-    consumed = producer.options.for_producer(0)
+    assert isinstance(wiring.producer, RabbitMQProducer)  # durable: from a queue only
+    consumed = wiring.producer.options.for_producer(0)
     store = SqlWindowStore(db.engine)
-    publisher = Publisher(
-        settings.amqp_url.get_secret_value(),
-        connection_name=client_name("ingest-notifications-windows"),
-        stamp_publish_time=False,
-    )
+    publisher = wiring.publisher("windows", stamp_publish_time=False)
     dead_letters = PublishedDeadLetters(
         publisher, consumed.dlq_name or f"{consumed.queue}.dlq", consumed.queue
     )
-    retry = settings.pipeline("notifications").retry_policy(RETRY)
+    retry = wiring.config.retry_policy(RETRY)
     options = DurableWindows(
         store,
         dead_letters,

@@ -11,24 +11,28 @@ from ingest import Pipeline
 from ingest.exceptions import ReportDeferred
 from ingest.producers.csv_file import CsvFileProducer
 from ingest.service.spool import Upload
+from ingest.service.upload_form import UploadForm
 from pipelines.mail import Mailer, upload_report
 from pipelines.smtp import SmtpError
 
 
 class FileUploads:
-    """`pipeline()` builds the hosted pipeline's twin over a file (`make_pipeline`: the
-    same handlers, so the same database and notifier, and the same stages); `report()`
-    mails the summary, with the errors CSV attached when rows failed."""
+    """`form` says what rows a file holds; `pipeline()` builds the hosted pipeline's twin
+    over a file (`make_pipeline`: the same handlers, so the same database and notifier,
+    and the same stages); `report()` mails the summary, with the errors CSV attached when
+    rows failed."""
 
     def __init__(
         self,
         make_pipeline: Callable[[str, CsvFileProducer], Pipeline],
         mailer: Mailer,
         sender: str,
+        form: UploadForm,
     ) -> None:
         self.make_pipeline = make_pipeline
         self.mailer = mailer
         self.sender = sender
+        self.form = form
 
     def pipeline(self, producer: CsvFileProducer, name: str) -> Pipeline:
         return self.make_pipeline(name, producer)

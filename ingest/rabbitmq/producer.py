@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import replace
 
 from ingest.producer import PipelineShape, Sink
 from ingest.rabbitmq._consumer import Consumer
+from ingest.rabbitmq.acknowledger import retry_queue_name
 from ingest.rabbitmq.options import RabbitMQOptions
 from ingest.rabbitmq.stats import ProducerStats
 from ingest.waiting import first_of
@@ -47,6 +49,30 @@ class RabbitMQProducer:
     def concurrency(self) -> int:
         """How many consumers (connections) feed the pipeline; shown in the topology."""
         return self.options.concurrency
+
+    @property
+    def prefetch(self) -> int:
+        """How many unacknowledged deliveries the consumers may hold together."""
+        return sum(self.prefetch_of(index) for index in range(self.options.concurrency))
+
+    def work_queues(self) -> list[str]:
+        """The queues consumed: the queue, or each consumer's partition."""
+        options = self.options
+        return list(
+            dict.fromkeys(options.for_producer(i).queue for i in range(options.concurrency))
+        )
+
+    def queues(self) -> list[str]:
+        """The work queues, each followed by its retry queues and its dead-letter queue."""
+        queues: list[str] = []
+        for queue in self.work_queues():
+            queues.append(queue)
+            options = replace(self.options, queue=queue)
+            if options.retry is not None:
+                queues += [retry_queue_name(queue, d) for d in sorted(set(options.retry.delays))]
+            if options.dlq_name:
+                queues.append(options.dlq_name)
+        return queues
 
     def prefetch_of(self, index: int) -> int:
         """Consumer `index`'s QoS: its `per_producer` prefetch_count, else the shared one."""

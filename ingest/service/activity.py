@@ -24,7 +24,7 @@ from typing import Any
 
 from ingest.events import Event, EventKind
 from ingest.pipeline import Pipeline
-from ingest.rabbitmq.producer import RabbitMQProducer
+from ingest.producer import ConsumingProducer
 from ingest.rabbitmq.publisher import PUBLISHED_AT_HEADER
 from ingest.text import bounded
 
@@ -42,6 +42,9 @@ class Activity:
     def __init__(self, pipeline: Pipeline, clock: Callable[[], float] = time.time) -> None:
         self.pipeline = pipeline
         self.clock = clock
+        producer = pipeline.producer
+        # Asked once: a producer fed by connections shows each one's state (else none).
+        self._consuming = producer if isinstance(producer, ConsumingProducer) else None
         # One [second, received, successful, failed] per second that saw any.
         self._seconds: deque[list[int]] = deque()
         self.triggers: Counter[str] = Counter()
@@ -72,6 +75,10 @@ class Activity:
         elif event.batch_info is not None:  # batch.stop
             self.triggers[event.batch_info.trigger] += 1
             self._count_work(event.batch_info.batcher, event.duration or 0.0)
+
+    def consumers_ready(self) -> list[bool]:
+        """Each consumer's state (connected and consuming); none for a file."""
+        return self._consuming.consumers_ready if self._consuming is not None else []
 
     def busy(self) -> dict[str, Any]:
         """How busy the stages were over the last BUSY_WINDOW_S seconds: the share of
@@ -192,7 +199,7 @@ def snapshot(
             "in_flight": pipeline.in_flight,
             "prefetch": prefetch.get(name),
             "close_early_at": pipeline.close_early_at,
-            "consumers_ready": _consumers_ready(pipeline),
+            "consumers_ready": activity.consumers_ready(),
             "topology": dataclasses.asdict(pipeline.topology()),
             "busy": activity.busy(),
             "rates_until": (until := int(activity.clock())),
@@ -204,12 +211,6 @@ def snapshot(
             "queues": {q: n for (p, q), n in sorted(queues.items()) if p == name},
         }
     return {"time": time.time(), "history_s": HISTORY_S, "pipelines": pipelines}
-
-
-def _consumers_ready(pipeline: Pipeline) -> list[bool]:
-    """Each RabbitMQ consumer's state (connected and consuming); none for a file."""
-    producer = pipeline.producer
-    return producer.consumers_ready if isinstance(producer, RabbitMQProducer) else []
 
 
 def _text(value: Any) -> str | None:

@@ -20,7 +20,7 @@ from ingest.exceptions import ConfigurationError, PipelineFailed, PublishError, 
 from ingest.rabbitmq.connection import redact
 from ingest.rabbitmq.publisher import OutgoingMessage, Publisher
 from ingest.service import control, dlq
-from ingest.service.hosting import build, serve, work_queues
+from ingest.service.hosting import build, serve
 from ingest.service.logging import configure_logging
 from ingest.service.progress import ProgressBar
 from ingest.service.settings import Settings
@@ -214,7 +214,7 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
     [hosted] = build(settings, [args.pipeline]).values()
-    dead = dlq.dead_letters(settings, args.pipeline, work_queues(hosted))
+    dead = dlq.dead_letters(settings, args.pipeline, hosted.work_queues)
     limit = getattr(args, "limit", None)
     if limit is not None and limit < 1:
         raise ConfigurationError("--limit needs N >= 1")

@@ -5,30 +5,24 @@ from __future__ import annotations
 import asyncio
 import functools
 import signal
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Mapping
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from ingest.exceptions import ConfigurationError, PipelineFailed, StartupError
 from ingest.pipeline import Pipeline
-from ingest.producers.csv_file import CsvFileProducer
-from ingest.rabbitmq.acknowledger import retry_queue_name
-from ingest.rabbitmq.options import AfterConnect
-from ingest.rabbitmq.producer import RabbitMQProducer
-from ingest.rabbitmq.publisher import OutgoingMessage
-from ingest.rabbitmq.stats import ProducerStats
 from ingest.service import dlq
 from ingest.service.activity import Activity, snapshot
+from ingest.service.hosted import DeclaresSettings, HostedPipeline, PipelineFactory
 from ingest.service.logging import FAILURE_EVENTS, log_failures
 from ingest.service.metrics import Metrics
 from ingest.service.queue_depth import QueueDepths
-from ingest.service.settings import Settings
+from ingest.service.settings import PipelineSettings, Settings
 from ingest.service.spool import Spool
-from ingest.service.uploads import FileProcessing, Uploads
+from ingest.service.uploads import Uploads
 from ingest.waiting import CLOSE_TIMEOUT_S, close_within, first_of
 
 if TYPE_CHECKING:
@@ -39,95 +33,18 @@ logger = structlog.get_logger("ingest.service")
 ENTRY_POINT_GROUP = "ingest.pipelines"
 
 
-@dataclass
-class HostedPipeline:
-    """A pipeline as the service runs it, with what it needs around it.
-
-    `startup` runs before the pipeline starts (create the schema, check the database:
-    raise StartupError if it cannot work) and `shutdown` after it stopped. `finished`
-    (file producers) stops the service once set. `samples(n)` makes n example payloads for
-    `ingest publish --count`. `ready` says whether the producer consumes (a broker
-    connection is up); `not_ready()` covers the pipeline's own state too. `uploads`, when
-    the pipeline takes uploaded files (`POST /uploads/<name>`), processes them. `route`,
-    when set, is how `ingest publish` reaches it (else: its queue).
-    """
-
-    pipeline: Pipeline
-    queue: str | None
-    ready: Callable[[], bool]
-    stats: ProducerStats | None = None
-    startup: Callable[[], Awaitable[None]] | None = None
-    shutdown: Callable[[], Awaitable[None]] | None = None
-    samples: Callable[[int], list[bytes]] | None = None
-    finished: asyncio.Event | None = None
-    uploads: FileProcessing | None = None
-    route: Route | None = None
-
-    def not_ready(self) -> str | None:
-        """Why the pipeline is not ready (for /readyz), or None while it is running and
-        consuming."""
-        pipeline = self.pipeline
-        state = pipeline.state
-        if state == "running" and pipeline.holds:
-            return ", ".join(sorted(pipeline.holds))  # "paused", "circuit open"
-        if state == "running":
-            return None if self.ready() else "not consuming: no broker connection"
-        if state in ("restarting", "failed"):
-            return f"{state}: {pipeline.failure}"
-        return state
-
-    @classmethod
-    def of(
-        cls,
-        pipeline: Pipeline,
-        queue: str | None,
-        *,
-        startup: Callable[[], Awaitable[None]] | None = None,
-        shutdown: Callable[[], Awaitable[None]] | None = None,
-        samples: Callable[[int], list[bytes]] | None = None,
-        uploads: FileProcessing | None = None,
-        route: Route | None = None,
-    ) -> HostedPipeline:
-        """Host `pipeline`, reading readiness, stats and the end of input off its
-        producer: a RabbitMQ producer is ready while consuming, a file producer always,
-        until its file is done."""
-        producer = pipeline.producer
-        rabbit = producer if isinstance(producer, RabbitMQProducer) else None
-        return cls(
-            pipeline=pipeline,
-            queue=queue,
-            ready=(lambda: rabbit.ready) if rabbit else (lambda: True),
-            stats=rabbit.stats if rabbit else None,
-            startup=startup,
-            shutdown=shutdown,
-            samples=samples,
-            finished=producer.finished if isinstance(producer, CsvFileProducer) else None,
-            uploads=uploads,
-            route=route,
-        )
-
-
-@dataclass(frozen=True)
-class Route:
-    """How `ingest publish` reaches a pipeline that is not fed by its queue alone (a
-    partitioned one): the message for a payload, and what to declare before publishing
-    (`Publisher(after_connect=...)`). `target` names where it goes, for people."""
-
-    message: Callable[[bytes], OutgoingMessage]
-    after_connect: AfterConnect
-    target: str
-
-
-class PipelineFactory(Protocol):
-    """Builds a hosted pipeline from the settings, without I/O (that is `startup`'s).
-    With `source`, the pipeline reads that file instead of its queue."""
-
-    def __call__(self, settings: Settings, *, source: Path | None = None) -> HostedPipeline: ...
-
-
 def discover() -> dict[str, PipelineFactory]:
     """The pipelines installed under the `ingest.pipelines` entry point group."""
     return {ep.name: ep.load() for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def settings_models() -> dict[str, type[PipelineSettings]]:
+    """Each installed pipeline's settings model: the one its factory declares, else the
+    common PipelineSettings."""
+    return {
+        name: factory.settings_model if isinstance(factory, DeclaresSettings) else PipelineSettings
+        for name, factory in discover().items()
+    }
 
 
 def build(
@@ -173,7 +90,7 @@ async def serve(
         item.pipeline.events.subscribe(log_failures, kinds=FAILURE_EVENTS)
     depths = QueueDepths(
         settings.amqp_url.get_secret_value(),
-        {name: queues for name, item in hosted.items() if (queues := _queues_of(item))},
+        {name: item.queues for name, item in hosted.items() if item.queues},
         settings.queue_depth_interval,
     )
     metrics.registry.register(depths)
@@ -246,7 +163,7 @@ def _http_server(
     from ingest.service.protection import Protections
 
     activities = {name: Activity(item.pipeline) for name, item in hosted.items()}
-    prefetch = {name: _prefetch_of(item) for name, item in hosted.items()}
+    prefetch = {name: item.prefetch for name, item in hosted.items()}
     not_ready = {name: item.not_ready for name, item in hosted.items()}
     return HttpServer(
         settings.http_host,
@@ -256,13 +173,14 @@ def _http_server(
         {name: item.pipeline for name, item in hosted.items()},
         settings.admin_token.get_secret_value() if settings.admin_token else None,
         {
-            name: functools.partial(dlq.dead_letters, settings, name, work_queues(item))
+            name: functools.partial(dlq.dead_letters, settings, name, item.work_queues)
             for name, item in hosted.items()
-            if work_queues(item)  # consumed from RabbitMQ
+            if item.work_queues  # consumed from a broker's queues
         },
         lambda: {
             **snapshot(activities, not_ready, prefetch, depths.ready),
             "uploads": uploads.view(),
+            "upload_forms": uploads.forms(),
         },
         uploads,
         protections=Protections.of(settings),
@@ -310,38 +228,3 @@ async def _shut_down(
     await http.stop()
     if crashed is not None:
         raise crashed
-
-
-def work_queues(item: HostedPipeline) -> list[str]:
-    """The queues a RabbitMQ pipeline consumes: its queue, or each of its partitions (none
-    for a file)."""
-    producer = item.pipeline.producer
-    if not isinstance(producer, RabbitMQProducer):
-        return []
-    options = producer.options
-    return list(dict.fromkeys(options.for_producer(i).queue for i in range(options.concurrency)))
-
-
-def _queues_of(item: HostedPipeline) -> list[str]:
-    """A RabbitMQ pipeline's work, retry and dead-letter queues."""
-    producer = item.pipeline.producer
-    if not isinstance(producer, RabbitMQProducer):
-        return []
-    queues: list[str] = []
-    for queue in work_queues(item):
-        queues.append(queue)
-        options = replace(producer.options, queue=queue)
-        if options.retry is not None:
-            delays = sorted(set(options.retry.delays))
-            queues += [retry_queue_name(queue, d) for d in delays]
-        if options.dlq_name:
-            queues.append(options.dlq_name)
-    return queues
-
-
-def _prefetch_of(item: HostedPipeline) -> int | None:
-    """How many unacknowledged messages the broker may hand a RabbitMQ pipeline."""
-    producer = item.pipeline.producer
-    if not isinstance(producer, RabbitMQProducer):
-        return None
-    return sum(producer.prefetch_of(i) for i in range(producer.options.concurrency))

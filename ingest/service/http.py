@@ -325,7 +325,7 @@ class HttpServer:
         except ValueError as error:  # no boundary, or one too long
             return _error(400, f"not a valid multipart/form-data body: {error}")
         try:
-            upload = await spool.receive_form(name, form)
+            upload = await spool.receive_form(name, form, shape=uploads.processing[name].form)
         except UploadRejected as rejected:
             if rejected.too_large:
                 return _too_large(spool.max_bytes)

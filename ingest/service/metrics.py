@@ -21,6 +21,7 @@ from prometheus_client.utils import floatToGoString
 
 from ingest.events import Event, EventKind
 from ingest.pipeline import CircuitState, Pipeline, State
+from ingest.producer import Counters
 from ingest.rabbitmq import frame_events
 from ingest.rabbitmq.stats import ProducerStats
 
@@ -56,7 +57,7 @@ class Watched:
 
     pipeline: Pipeline
     ready: Callable[[], bool]
-    stats: ProducerStats | None
+    stats: Counters | None
 
 
 class Metrics:
@@ -125,7 +126,7 @@ class Metrics:
         self,
         pipeline: Pipeline,
         ready: Callable[[], bool],
-        stats: ProducerStats | None = None,
+        stats: Counters | None = None,
     ) -> None:
         """Subscribe to `pipeline`'s events and report its gauges and producer stats."""
         self._watched[pipeline.name] = Watched(pipeline, ready, stats)
@@ -184,7 +185,7 @@ class _PipelineCollector(Collector):
             in_flight.add_metric([name], watched.pipeline.in_flight)
             connected.add_metric([name], 1.0 if watched.ready() else 0.0)
             # A producer without stats (a file) still shows its (zero) acknowledgements.
-            stats = watched.stats or ProducerStats()
+            stats: Counters = watched.stats or ProducerStats()
             for action, value in stats.acknowledgements().items():
                 acks.add_metric([name, action], value)
             if watched.stats is not None:

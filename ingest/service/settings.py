@@ -9,7 +9,7 @@ import re
 import tomllib
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -18,10 +18,15 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     SecretStr,
+    SerializeAsAny,
+    ValidationError,
     field_validator,
 )
+from pydantic.fields import FieldInfo
+from pydantic_core import InitErrorDetails
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
@@ -77,7 +82,14 @@ class CircuitBreakerSettings(BaseModel):
 
 class PipelineSettings(BaseModel):
     """One pipeline's settings (`INGEST_PIPELINES__<NAME>__...`); unset values keep the
-    pipeline's own defaults."""
+    pipeline's own defaults. A pipeline with settings of its own declares a subclass
+    (ingest.service.hosted.DeclaresSettings), read under the same prefix::
+
+        class OrderSettings(PipelineSettings):
+            closed_shops: list[str] = Field(default_factory=list)
+
+        # INGEST_PIPELINES__ORDERS__CLOSED_SHOPS='["north"]'
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -93,15 +105,6 @@ class PipelineSettings(BaseModel):
     retry_max_attempts: PositiveInt | None = None
     retry_delays: list[PositiveFloat] | None = None
     circuit_breaker: CircuitBreakerSettings = Field(default_factory=CircuitBreakerSettings)
-    # bookings only: events whose bookings are closed (fail with "bookings-closed").
-    closed_events: list[str] = Field(default_factory=list)
-    # notifications only: consume P partition queues behind a consistent-hash exchange
-    # (0: one queue); a replica subscribes to those it does not own this much later.
-    partitions: int = Field(default=0, ge=0, le=1000)
-    standby_delay: PositiveFloat = 5.0
-    # notifications only: digest windows kept in the database (notifications acknowledged
-    # once stored) rather than in unacknowledged deliveries, bounded by the prefetch.
-    durable_windows: bool = True
 
     def processor_options(self, default: Processors) -> Processors:
         """The pipeline's processors with these settings applied."""
@@ -149,7 +152,7 @@ class Settings(BaseSettings):
     (`INGEST_CONFIG`, default `config/ingest.toml` when it exists)::
 
         INGEST_AMQP_URL=amqp://user:pass@rabbitmq:5672/%2F
-        INGEST_PIPELINES__BOOKINGS__CLOSED_EVENTS='["musical"]'
+        INGEST_PIPELINES__ORDERS__PREFETCH_COUNT=500
     """
 
     model_config = SettingsConfigDict(
@@ -163,7 +166,8 @@ class Settings(BaseSettings):
     database_url: SecretStr = SecretStr("sqlite+aiosqlite:///var/ingest.db")
     smtp_url: SecretStr | None = None
     mail_outbox: Path = Path("var/outbox")
-    mail_from: str = "tickets@ingest.local"
+    # None: the sender the pipelines that send mail choose.
+    mail_from: str | None = None
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65535)
     admin_token: SecretStr | None = None
@@ -185,7 +189,8 @@ class Settings(BaseSettings):
     replicas: PositiveInt | None = None
     upload_dir: Path = Path("var/uploads")
     upload_max_bytes: PositiveInt = 50 * 1024 * 1024
-    pipelines: dict[str, PipelineSettings] = Field(default_factory=dict)
+    # Each one read with the settings model its pipeline declares (`_per_pipeline`).
+    pipelines: dict[str, SerializeAsAny[PipelineSettings]] = Field(default_factory=dict)
 
     @classmethod
     def settings_customise_sources(
@@ -197,7 +202,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         config_file = Path(os.environ.get("INGEST_CONFIG", DEFAULT_CONFIG_FILE))
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [init_settings, EnvironmentSource(settings_cls)]
         if config_file.is_file():
             try:
                 sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
@@ -218,6 +223,40 @@ class Settings(BaseSettings):
                 f"{length}: set INGEST_ADMIN_TOKEN to a longer one (e.g. `openssl rand -hex 24`)"
             )
         return token
+
+    @field_validator("pipelines", mode="before")
+    @classmethod
+    def _per_pipeline(cls, value: object) -> object:
+        """Each pipeline's settings read with its own model (an installed pipeline may
+        declare one); the errors of all of them at once, where they are."""
+        if not isinstance(value, dict):
+            return value  # pydantic says what is wrong
+        # Imported here: the pipelines' factories import the service, settings included.
+        from ingest.service.hosting import settings_models
+
+        models = settings_models()
+        read: dict[str, object] = {}
+        errors: list[InitErrorDetails] = []
+        for name, given in value.items():
+            model = models.get(name, PipelineSettings)
+            if not isinstance(given, dict):
+                read[name] = given
+                continue
+            try:
+                read[name] = model.model_validate(given)
+            except ValidationError as error:
+                errors += [
+                    InitErrorDetails(
+                        type=e["type"],
+                        loc=(name, *e["loc"]),
+                        input=e["input"],
+                        ctx=e.get("ctx", {}),
+                    )
+                    for e in error.errors()
+                ]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return read
 
     @field_validator("http_allowed_hosts", mode="before")
     @classmethod
@@ -244,11 +283,32 @@ class Settings(BaseSettings):
         return Replica.of(self.replica_index, self.replicas)
 
     def pipeline(self, name: str) -> PipelineSettings:
-        return self.pipelines.get(name) or PipelineSettings()
+        """`name`'s settings, read with the model its pipeline declares."""
+        given = self.pipelines.get(name)
+        if given is not None:
+            return given
+        from ingest.service.hosting import settings_models  # see _per_pipeline
+
+        return settings_models().get(name, PipelineSettings)()
 
     def public(self) -> dict[str, Any]:
         """The settings as logged at start-up: secrets stay masked."""
         return self.model_dump(mode="json")
+
+
+class EnvironmentSource(EnvSettingsSource):
+    """The environment, each pipeline's variables typed by its own settings model (so
+    that `INGEST_PIPELINES__<NAME>__<LIST>` is decoded as JSON, as any list setting)."""
+
+    def next_field(
+        self, field: FieldInfo | Any | None, key: str, case_sensitive: bool | None = None
+    ) -> FieldInfo | None:
+        if field is not None and field is self.settings_cls.model_fields.get("pipelines"):
+            from ingest.service.hosting import settings_models  # see Settings._per_pipeline
+
+            # A model class, as pydantic-settings answers for a dict's value type.
+            return cast("FieldInfo", settings_models().get(key, PipelineSettings))
+        return super().next_field(field, key, case_sensitive)
 
 
 def _json_list(text: str) -> list[object] | None:

@@ -24,12 +24,12 @@ from email_validator import EmailNotValidError, validate_email
 
 from ingest.exceptions import UploadRejected
 from ingest.producers.csv_file import csv_rows
+from ingest.service.upload_form import UploadForm
 
 logger = structlog.get_logger("ingest.service.spool")
 
 State = Literal["queued", "processing", "reporting", "done", "failed"]
 PENDING: tuple[State, ...] = ("reporting", "processing", "queued")  # finish before starting
-HEADER = ["event", "user_id"]
 _SHAPE_LINES = 10  # a CSV shows its columns within this many lines
 FILENAME_MAX = 200  # characters of an uploaded file's name kept (its end: the extension)
 EMAIL_MAX = 320  # bytes: RFC 5321's longest address, with room
@@ -64,7 +64,7 @@ class Spool:
     """Uploads under `directory`, at most `max_bytes` each::
 
     upload = await Spool(Path("var/uploads"), 50_000_000).receive(
-        "bookings", "mine.csv", "me@example.com", chunks)
+        "orders", "mine.csv", "me@example.com", chunks, shape=UploadForm("orders", ("sku", "n")))
     """
 
     def __init__(self, directory: Path, max_bytes: int) -> None:
@@ -100,17 +100,24 @@ class Spool:
         return self.directory / f"{upload.id}.errors.csv"
 
     async def receive(
-        self, pipeline: str, filename: str, email: str, chunks: AsyncIterator[bytes]
+        self,
+        pipeline: str,
+        filename: str,
+        email: str,
+        chunks: AsyncIterator[bytes],
+        *,
+        shape: UploadForm,
     ) -> Upload:
         """Write `chunks` to disk, checking them as they come: UploadRejected (and nothing
-        kept) when the file is too large, not UTF-8, not CSV or empty. The upload is not
+        kept) when the file is too large, not UTF-8, not CSV of `shape`'s rows or empty.
+        The upload is not
         in the spool until `save`d (or gone again with `discard`)."""
         self._make_directory()
         upload_id = f"u{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(4)}"
         partial = self.directory / f".{upload_id}.part"
         try:
             size = await _write_checked(chunks, partial, self.max_bytes)
-            rows, header = await asyncio.to_thread(_inspect, partial)
+            rows, header = await asyncio.to_thread(_inspect, partial, shape)
             upload = Upload(
                 upload_id, pipeline, _base_name(filename), email, size, rows, header, time.time()
             )
@@ -119,7 +126,9 @@ class Spool:
             partial.unlink(missing_ok=True)
         return upload
 
-    async def receive_form(self, pipeline: str, form: MultipartReader) -> Upload:
+    async def receive_form(
+        self, pipeline: str, form: MultipartReader, *, shape: UploadForm
+    ) -> Upload:
         """An upload as `POST /uploads/<pipeline>` takes it, multipart/form-data with the
         fields `email` and `file` in either order: the file received (`receive`), the
         address checked (`email_address`). ValueError, saying why, for a body that is not
@@ -136,7 +145,7 @@ class Spool:
                     if upload is not None:
                         raise ValueError("one file per upload: the form has two in 'file'")
                     filename = part.filename or "upload.csv"
-                    upload = await self.receive(pipeline, filename, "", _chunks(part))
+                    upload = await self.receive(pipeline, filename, "", _chunks(part), shape=shape)
             if upload is None:
                 raise ValueError("no file: send it in the field 'file'")
             if email is None:
@@ -150,7 +159,7 @@ class Spool:
 
     def _make_directory(self) -> None:
         """The spool's directory, readable by the service's user only: uploaded files and
-        manifests hold people's bookings and addresses. A directory the service does not
+        manifests hold what people sent and their addresses. A directory the service does not
         own (a volume mounted so) keeps its mode, and a log line says so."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         if stat.S_IMODE(self.directory.stat().st_mode) & 0o077:
@@ -247,27 +256,23 @@ class _TextCheck:
         self._lines += text.count("\n")
 
 
-def _inspect(path: Path) -> tuple[int, bool]:
+def _inspect(path: Path, shape: UploadForm) -> tuple[int, bool]:
     """How many rows the file has (as the CSV producer reads them: CSV rows, a quoted line
     break inside one; JSON lines) and whether its first row is a header; UploadRejected
-    when it is empty or not CSV."""
+    when it is empty or not a CSV of `shape`'s rows."""
     rows, shaped, header = 0, False, False
     with path.open(encoding="utf-8-sig", newline="") as file:
         for row in csv_rows(file):
-            fields = row.fields or []
-            if rows == 0 and not header and [f.strip().lower() for f in fields] == HEADER:
+            if rows == 0 and not header and shape.is_header(row):
                 header = True
                 continue
             rows += 1
             if rows <= _SHAPE_LINES and not shaped:
-                shaped = row.text.lstrip().startswith("{") or len(fields) >= 2
+                shaped = shape.fitting(row)
     if rows == 0:
         raise UploadRejected("the file is empty: no rows" + (" under its header" if header else ""))
     if not shaped:
-        raise UploadRejected(
-            f"not a CSV of bookings: none of the first {_SHAPE_LINES} rows has two columns "
-            "(event,user_id)"
-        )
+        raise UploadRejected(shape.misfit(_SHAPE_LINES))
     return rows, header
 
 

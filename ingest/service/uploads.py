@@ -16,6 +16,7 @@ from ingest.pipeline import Pipeline
 from ingest.producers.csv_file import CsvFileProducer
 from ingest.service.logging import FAILURE_EVENTS, SampledFailures
 from ingest.service.spool import Spool, Upload
+from ingest.service.upload_form import UploadForm
 from ingest.waiting import first_of
 
 logger = structlog.get_logger("ingest.service.uploads")
@@ -24,12 +25,17 @@ REPORT_RETRY_S = (1.0, 5.0, 15.0, 60.0)  # a mail server that is down is tried a
 
 
 class FileProcessing(Protocol):
-    """What a hosted pipeline offers for uploads: the same pipeline over a file, and the
-    report to whoever uploaded it (an email with the errors CSV attached).
+    """What a hosted pipeline offers for uploads: the rows it takes (`form`: the spool
+    refuses a file of other rows, the page shows its columns), the same pipeline over a
+    file, and the report to whoever uploaded it (e.g. an email with the errors CSV
+    attached).
 
     `report` raises ReportDeferred when the report may go later; any other exception says
     it never will (a permanent refusal, a value the email cannot carry), and the upload
     fails at once rather than hold up the uploads queued after it."""
+
+    @property
+    def form(self) -> UploadForm: ...
 
     def pipeline(self, producer: CsvFileProducer, name: str) -> Pipeline: ...
 
@@ -169,6 +175,10 @@ class Uploads:
         except TimeoutError:
             return False
         return True
+
+    def forms(self) -> dict[str, dict[str, Any]]:
+        """Where uploads go and what rows each takes, for the page's form."""
+        return {name: processing.form.view() for name, processing in self.processing.items()}
 
     def view(self, limit: int = 20, *, private: bool = False) -> list[dict[str, Any]]:
         """The latest uploads with their progress (the one at work: live figures); email

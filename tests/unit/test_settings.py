@@ -84,3 +84,28 @@ def test_unknown_batchers_in_settings_are_refused(monkeypatch: pytest.MonkeyPatc
         ValueError, match="unknown batcher opera in settings; this pipeline has cinema"
     ):
         Settings().pipeline("bookings").batcher_options({"cinema": Batcher()})
+
+
+def test_a_pipelines_own_settings_are_read_with_its_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("INGEST_PIPELINES__NOTIFICATIONS__PARTITIONS", "4")
+    settings = Settings()
+    assert type(settings.pipeline("notifications")).__name__ == "NotificationsSettings"
+    assert settings.pipeline("notifications").model_dump()["partitions"] == 4
+    assert settings.public()["pipelines"]["notifications"]["partitions"] == 4
+    # Unset, a pipeline's settings are its model's defaults.
+    assert settings.pipeline("bookings").model_dump()["closed_events"] == []
+
+
+def test_an_option_of_another_pipeline_is_refused_where_it_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("INGEST_PIPELINES__NOTIFICATIONS__CLOSED_EVENTS", '["musical"]')
+    monkeypatch.setenv("INGEST_PIPELINES__BOOKINGS__PREFETCH_COUNT", "0")
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert {error["loc"] for error in refused.value.errors()} == {
+        ("pipelines", "notifications", "closed_events"),
+        ("pipelines", "bookings", "prefetch_count"),
+    }

@@ -11,6 +11,8 @@ import pytest
 
 from ingest.exceptions import UploadRejected
 from ingest.service.spool import Spool, Upload
+from ingest.service.upload_form import UploadForm
+from pipelines.bookings import UPLOADS
 
 
 async def chunks(data: bytes, size: int = 7) -> AsyncIterator[bytes]:
@@ -20,7 +22,7 @@ async def chunks(data: bytes, size: int = 7) -> AsyncIterator[bytes]:
 
 
 async def receive(spool: Spool, data: bytes, filename: str = "mine.csv") -> Upload:
-    return await spool.receive("bookings", filename, "me@example.com", chunks(data))
+    return await spool.receive("bookings", filename, "me@example.com", chunks(data), shape=UPLOADS)
 
 
 async def test_a_file_is_spooled_whole_with_its_rows_counted(tmp_path: Path) -> None:
@@ -107,3 +109,41 @@ def test_one_process_at_a_time_owns_a_spool(tmp_path: Path) -> None:
     first.release()
     assert second.claim()  # once the owner stopped
     second.release()
+
+
+@pytest.mark.parametrize(
+    ("form", "data", "reason"),
+    [
+        pytest.param(
+            UploadForm("orders", ("sku", "quantity", "shop")),
+            b"a,1\n",
+            r"not a CSV of orders: none of the first 10 rows has three columns "
+            r"\(sku,quantity,shop\)",
+            id="too-few-columns",
+        ),
+        pytest.param(
+            UploadForm("codes", ("code",), fits=lambda row: row.text.isdigit()),
+            b"abc\n",
+            r"not a CSV of codes: none of the first 10 rows has one column \(code\)",
+            id="own-row-check",
+        ),
+    ],
+)
+async def test_a_file_is_refused_in_the_words_of_the_pipelines_form(
+    tmp_path: Path, form: UploadForm, data: bytes, reason: str
+) -> None:
+    with pytest.raises(UploadRejected, match=reason):
+        await Spool(tmp_path, 1000).receive(
+            "orders", "x.csv", "me@example.com", chunks(data), shape=form
+        )
+
+
+async def test_the_forms_columns_make_a_header(tmp_path: Path) -> None:
+    fitting = await Spool(tmp_path, 1000).receive(
+        "orders",
+        "x.csv",
+        "me@example.com",
+        chunks(b"SKU,Quantity,Shop\nb,2,north\n"),
+        shape=UploadForm("orders", ("sku", "quantity", "shop")),
+    )
+    assert (fitting.rows, fitting.header) == (1, True)

@@ -201,15 +201,38 @@ function uploads(list) {
   $("#upload-list").replaceChildren(list.length ? t : el("p", { class: "note" }, "no uploads yet"));
 }
 
+// Where uploads go and what rows each takes come with the figures (`upload_forms`): the
+// page names no pipeline of its own.
+let uploadForms = {};
+function uploadTargets(forms) {
+  if (JSON.stringify(forms) === JSON.stringify(uploadForms)) return;
+  uploadForms = forms;
+  const names = Object.keys(forms), select = $("#upload-target"), chosen = select.value;
+  select.replaceChildren(...names.map(name => el("option", { value: name }, name)));
+  if (names.includes(chosen)) select.value = chosen;
+  $("#upload-target-label").hidden = names.length < 2;
+  showUploadForm();
+}
+function showUploadForm() {
+  const form = uploadForms[$("#upload-target").value];
+  $("#uploads-title").textContent = form ? `Upload ${form.rows} (CSV)` : "Upload (CSV)";
+  $("#upload-columns").textContent = form ? form.columns.join(",") : "…";
+}
+$("#upload-target").addEventListener("change", showUploadForm);
+
 $("#upload-form").addEventListener("submit", async event => {
   event.preventDefault();
   const out = $("#upload-out"), file = $("#upload-file").files[0];
+  if (!$("#upload-target").value) {  // submitted before the first figures came
+    uploadTargets((await (await fetch("/api/snapshot")).json()).upload_forms || {});
+  }
+  const target = $("#upload-target").value;
   const form = new FormData();
   form.append("email", $("#upload-email").value);
   form.append("file", file);
   out.className = "info"; out.textContent = `uploading ${file.name}…`;
   try {
-    const response = await fetch("/uploads/bookings",
+    const response = await fetch(`/uploads/${encodeURIComponent(target)}`,
       { method: "POST", body: form, headers: { Authorization: `Bearer ${token.value}` } });
     const body = await response.json();
     if (!response.ok) { out.className = "bad"; out.textContent = `${file.name} refused: ${body.error}`; return; }
@@ -220,6 +243,7 @@ $("#upload-form").addEventListener("submit", async event => {
 
 function render(snapshot) {
   if (snapshot.uploads) uploads(snapshot.uploads);
+  if (snapshot.upload_forms) uploadTargets(snapshot.upload_forms);
   const main = $("#pipelines");
   for (const [name, view] of Object.entries(snapshot.pipelines)) {
     const fresh = card(name, view), old = $(`#pipeline-${name}`);
