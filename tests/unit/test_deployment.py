@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from ingest.rabbitmq import RabbitMQProducer, retry_queue_name
-from ingest.service.hosting import build
+from ingest.service.hosting import build, settings_models
 from ingest.service.settings import CircuitBreakerSettings, PipelineSettings, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,8 +68,8 @@ def _field_exists(name: str) -> bool:
     path = name.removeprefix("INGEST_").lower().split("__")
     if path[0] != "pipelines":
         return len(path) == 1 and path[0] in Settings.model_fields
-    fields = PipelineSettings.model_fields
-    return len(path) == 3 and path[2] in fields
+    model = settings_models().get(path[1], PipelineSettings) if len(path) == 3 else None
+    return model is not None and path[2] in model.model_fields
 
 
 def test_every_environment_name_compose_sets_is_a_settings_field(
@@ -176,9 +176,11 @@ def test_the_configuration_table_matches_the_settings_model() -> None:
     table = guide.split("\n## Configuration", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"`((?:INGEST_|__)[A-Z_<>]+)`", table))
     expected = {f"INGEST_{name.upper()}" for name in Settings.model_fields if name != "pipelines"}
+    # The common fields, and each pipeline's own (its settings model).
     pipeline_fields = {
         name
-        for name in PipelineSettings.model_fields
+        for model in (PipelineSettings, *settings_models().values())
+        for name in model.model_fields
         if name not in ("processors", "batchers", "circuit_breaker")
     }
     assert expected <= documented
