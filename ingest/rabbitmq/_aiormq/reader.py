@@ -28,6 +28,9 @@ from ingest.rabbitmq._wire import BODY, CONTENT_HEADER, FRAME_END, FRAME_HEADER,
 logger = structlog.get_logger("ingest.rabbitmq")
 
 _CONNECTION_OF = "ingest_connection"  # set on the FrameReceiver by `install`
+# Bound here rather than called as `FRAME_HEADER.unpack(...)`: on a name that an import
+# binds, CPython 3.11 compiles a method call to LOAD_ATTR, making a bound method per frame.
+_unpack_frame_header = FRAME_HEADER.unpack
 
 
 async def open_fast_connection(url: URLorStr, **kwargs: Any) -> aiormq.Connection:
@@ -84,7 +87,7 @@ async def get_frame(receiver: Any) -> tuple[int, int, Any]:
             if header.startswith(b"AMQP"):
                 raise ProtocolSyntaxError("Unexpected AMQP protocol header")
             receiver.started = True
-        frame_type, channel, size = FRAME_HEADER.unpack(header)
+        frame_type, channel, size = _unpack_frame_header(header)
         rest = await reader.readexactly(size + 1)
     except asyncio.IncompleteReadError as error:
         raise AMQPConnectionError(
