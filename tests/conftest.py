@@ -85,6 +85,21 @@ async def queue_name(broker: Broker) -> AsyncIterator[str]:
     await connection.close()
 
 
+@pytest.fixture
+async def service(broker: Broker, queue_name: str, tmp_path: Any) -> AsyncIterator[Any]:
+    """The tickets service running in-process (`local_service`: SQLite and an outbox in
+    `tmp_path`), its admin token `tests.integration.uploads.TOKEN`, uploads spooled in
+    `tmp_path / "uploads"`; stopped (drained) after the test."""
+    # Imported here: the unit tests need neither the service nor an SMTP server.
+    from tests.integration.service import local_service
+    from tests.integration.uploads import TOKEN
+
+    async with local_service(
+        broker, queue_name, tmp_path, admin_token=TOKEN, upload_dir=tmp_path / "uploads"
+    ) as running:
+        yield running
+
+
 def _databases() -> list[str]:
     kinds = ["sqlite"]
     if os.environ.get("INGEST_DATABASE_URL", "").startswith("postgresql") or port_open(

@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import version
 from pathlib import Path
 
@@ -35,8 +35,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ingest {version('ingest')}")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_run(commands.add_parser)
+    publish = commands.add_parser("publish", help="publish messages to a pipeline's queue")
+    publish.add_argument("pipeline")
+    source = publish.add_mutually_exclusive_group(required=True)
+    source.add_argument("--count", type=int, metavar="N", help="N random sample messages")
+    source.add_argument("--file", type=Path, metavar="F.csv", help="one message per line")
+    source.add_argument("--payload", metavar="TEXT", help="one message with this body")
+    commands.add_parser("topology", help="print every pipeline's stages and concurrency")
+    _add_control(commands.add_parser)
+    _add_dlq(commands.add_parser)
+    return parser
 
-    run = commands.add_parser("run", help="run the pipelines until SIGTERM/SIGINT, then drain")
+
+# Each `_add_...` adds its command(s) through the subparsers' `add_parser`.
+AddParser = Callable[..., argparse.ArgumentParser]
+
+
+def _add_run(add_parser: AddParser) -> None:
+    run = add_parser("run", help="run the pipelines until SIGTERM/SIGINT, then drain")
     run.add_argument(
         "--pipeline", action="append", metavar="NAME", help="run only this one (repeatable)"
     )
@@ -55,17 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         "failed rows go to F.errors.csv",
     )
 
-    publish = commands.add_parser("publish", help="publish messages to a pipeline's queue")
-    publish.add_argument("pipeline")
-    source = publish.add_mutually_exclusive_group(required=True)
-    source.add_argument("--count", type=int, metavar="N", help="N random sample messages")
-    source.add_argument("--file", type=Path, metavar="F.csv", help="one message per line")
-    source.add_argument("--payload", metavar="TEXT", help="one message with this body")
 
-    commands.add_parser("topology", help="print every pipeline's stages and concurrency")
-
+def _add_control(add_parser: AddParser) -> None:
     for action, what in (("pause", "stop"), ("resume", "restart")):
-        control = commands.add_parser(
+        control = add_parser(
             action,
             help=f"{what} consuming in a running service (needs INGEST_ADMIN_TOKEN)",
         )
@@ -84,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="reach the N workers of `ingest run --workers N` (ports PORT..PORT+N-1)",
         )
 
-    dead = commands.add_parser("dlq", help="a pipeline's dead letters: show, replay, purge")
+
+def _add_dlq(add_parser: AddParser) -> None:
+    dead = add_parser("dlq", help="a pipeline's dead letters: show, replay, purge")
     actions = dead.add_subparsers(dest="dlq_command", required=True)
     show = actions.add_parser("show", help="list dead letters (they stay in the queue)")
     replay = actions.add_parser(
@@ -98,7 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--limit", type=int, default=20, metavar="N", help="at most N (20)")
     replay.add_argument("--limit", type=int, metavar="N", help="at most N (all)")
     purge.add_argument("--yes", action="store_true", help="yes, delete them")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -115,14 +115,7 @@ async def serve(
     try:
         for item in hosted.values():
             await item.pipeline.start()
-        waiters: list[Awaitable[Any]] = [stop.wait()]
-        files = [item.finished for item in hosted.values() if item.finished is not None]
-        if files:
-            waiters.append(asyncio.gather(*(f.wait() for f in files)))
-        # A pipeline's supervision ends before the stop only when it failed for good.
-        waiters.extend(item.pipeline.wait() for item in hosted.values())
-        if uploading is not None:  # ends early only on a bug, which then stops the service
-            waiters.append(asyncio.shield(uploading))
+        waiters = _ends(hosted, stop, uploading)
         logger.info("running", pipelines=list(hosted))
         if started is not None:
             started.set()
@@ -136,6 +129,22 @@ async def serve(
     if failed:
         # The others were drained; a process manager (compose, Kubernetes) restarts us.
         raise PipelineFailed("; ".join(str(pipeline.failure) for pipeline in failed))
+
+
+def _ends(
+    hosted: Mapping[str, HostedPipeline], stop: asyncio.Event, uploading: asyncio.Task[None] | None
+) -> list[Awaitable[Any]]:
+    """What ends the service, whichever comes first: the stop, every file done, a
+    pipeline failed for good (its supervision ends before the stop only then), the
+    uploads ended (early only on a bug)."""
+    waiters: list[Awaitable[Any]] = [stop.wait()]
+    files = [item.finished for item in hosted.values() if item.finished is not None]
+    if files:
+        waiters.append(asyncio.gather(*(f.wait() for f in files)))
+    waiters.extend(item.pipeline.wait() for item in hosted.values())
+    if uploading is not None:
+        waiters.append(asyncio.shield(uploading))
+    return waiters
 
 
 async def _start_up(hosted: Mapping[str, HostedPipeline]) -> None:

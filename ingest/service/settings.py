@@ -229,8 +229,8 @@ class Settings(BaseSettings):
     def _per_pipeline(cls, value: object) -> object:
         """Each pipeline's settings read with its own model (an installed pipeline may
         declare one); the errors of all of them at once, where they are."""
-        if not isinstance(value, dict):
-            return value  # pydantic says what is wrong
+        if not isinstance(value, dict) or not value:
+            return value  # pydantic says what is wrong, or there is nothing to read
         # Imported here: the pipelines' factories import the service, settings included.
         from ingest.service.hosting import settings_models
 

@@ -4,17 +4,12 @@ browser reports no violation of it. Saves a screenshot under var/artifacts/."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
-
-import pytest
 from playwright.async_api import Browser, ConsoleMessage, FilePayload, expect
 
 from tests.browser.conftest import screenshot
-from tests.integration.service import RunningService, local_service
-from tests.support import Broker
+from tests.integration.service import RunningService
+from tests.integration.uploads import TOKEN
 
-TOKEN = "csp-page-admin-token"
 # Collects what the browser refuses under the policy, from before the page's first script.
 RECORD_VIOLATIONS = """
 window.cspViolations = [];
@@ -22,14 +17,6 @@ document.addEventListener("securitypolicyviolation", event => {
   window.cspViolations.push(`${event.violatedDirective} ${event.blockedURI}`);
 });
 """
-
-
-@pytest.fixture
-async def service(broker: Broker, queue_name: str, tmp_path: Any) -> AsyncIterator[RunningService]:
-    async with local_service(
-        broker, queue_name, tmp_path, admin_token=TOKEN, upload_dir=tmp_path / "uploads"
-    ) as running:
-        yield running
 
 
 async def test_the_page_works_under_its_policy_without_a_violation(

@@ -6,7 +6,6 @@ restart without booking twice."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,6 @@ from tests.integration.uploads import (
     upload,
 )
 from tests.support import Broker, eventually
-
-
-@pytest.fixture
-async def service(broker: Broker, queue_name: str, tmp_path: Path) -> AsyncIterator[RunningService]:
-    async with local_service(
-        broker, queue_name, tmp_path, admin_token=TOKEN, upload_dir=tmp_path / "uploads"
-    ) as running:
-        yield running
 
 
 async def test_an_upload_is_booked_in_the_background_and_reported_with_its_errors(

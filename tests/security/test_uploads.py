@@ -10,7 +10,7 @@ import csv
 import json
 import stat
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,14 +49,6 @@ pytestmark = pytest.mark.integration  # a real broker, like tests/integration
 # A report is tried again after 1, 5, 15 and 60 s: one that ends within this, mailed or
 # failed, was not held up by retries.
 AT_ONCE_S = 15.0
-
-
-@pytest.fixture
-async def service(broker: Broker, queue_name: str, tmp_path: Path) -> AsyncIterator[RunningService]:
-    async with local_service(
-        broker, queue_name, tmp_path, admin_token=TOKEN, upload_dir=tmp_path / "uploads"
-    ) as running:
-        yield running
 
 
 def nothing_kept(spool: Path) -> bool:
