@@ -180,9 +180,12 @@ def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
     partitions = partitions_of(settings)
     consumer = None
     if partitions is not None:  # one consumer per partition, standing by for the others'
-        replica, declare_of = settings.replica(), config.queue_declare
-        consumer = partial(partitions.consumer_options, replica=replica, declare_of=declare_of)
-        consumer = partial(consumer, standby_delay=config.standby_delay)
+        consumer = partial(
+            partitions.consumer_options,
+            replica=settings.replica(),
+            declare_of=config.queue_declare,
+            standby_delay=config.standby_delay,
+        )
     prefetch = DURABLE_PREFETCH if durable else PREFETCH
     wiring = NOTIFICATIONS.wire(settings, source, prefetch_count=prefetch, consumer=consumer)
     batchers = wiring.batchers(DURABLE_BATCHERS if durable else BATCHERS)

@@ -149,6 +149,10 @@ async def test_an_upload_from_the_page_shows_its_progress_and_ends_in_a_report(
     await page.goto(service.http + "/")
     await page.fill("#token", TOKEN)
     await page.fill("#upload-email", "me@example.com")
+    # What the form takes comes from the service (the page names no pipeline).
+    await expect(page.locator("#uploads-title")).to_have_text("Upload bookings (CSV)")
+    await expect(page.locator("#upload-columns")).to_have_text("event,user_id")
+    await expect(page.locator("#upload-target-label")).to_be_hidden()  # one target
 
     # A bad file first: the page says why.
     await page.set_input_files(

@@ -124,6 +124,16 @@ async def test_a_bad_upload_is_refused_with_its_reason(
     assert not list(spool.glob("u*")) if spool.is_dir() else True  # nothing kept
 
 
+async def test_the_snapshot_says_which_pipelines_take_uploads_and_their_columns(
+    service: RunningService,
+) -> None:
+    code, body = await service.get_async("/api/snapshot")
+    assert code == 200
+    assert json.loads(body)["upload_forms"] == {
+        "bookings": {"rows": "bookings", "columns": ["event", "user_id"]}
+    }
+
+
 async def test_a_request_that_is_not_a_form_is_refused(service: RunningService) -> None:
     async with (
         aiohttp.ClientSession() as session,
