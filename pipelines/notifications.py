@@ -21,7 +21,6 @@ from ingest.rabbitmq import (
     Partitions,
     Publisher,
     QueueDeclare,
-    RabbitMQProducer,
     RetryPolicy,
 )
 from ingest.rabbitmq.window_dead_letters import PublishedDeadLetters
@@ -241,8 +240,8 @@ class Windows:
 def durable_windows(wiring: Wiring[NotificationsSettings], db: Database) -> Windows:
     """Digest windows kept in the pipeline's database, their dead letters published to the
     queue's dead-letter queue (the first partition's, when partitioned)."""
-    assert isinstance(wiring.producer, RabbitMQProducer)  # durable: from a queue only
-    consumed = wiring.producer.options.for_producer(0)
+    assert wiring.options is not None  # durable: from a queue only
+    consumed = wiring.options.for_producer(0)
     store = SqlWindowStore(db.engine)
     publisher = wiring.publisher("windows", stamp_publish_time=False)
     dead_letters = PublishedDeadLetters(

@@ -89,22 +89,20 @@ class Declaration(Generic[S]):
         what builds the rest. `prefetch_count` replaces the declared default; `consumer`
         changes the consumer's options (e.g. `Partitions.consumer_options`)."""
         config = self.config(settings)
-        producer: CsvFileProducer | RabbitMQProducer
         if source is not None:
-            producer = CsvFileProducer(source)
-        else:
-            queue = config.queue or self.queue
-            options = RabbitMQOptions(
-                queue=queue,
-                declare=config.queue_declare(queue),
-                url=settings.amqp_url.get_secret_value(),
-                connection_name=client_name(f"ingest-{self.name}"),
-                prefetch_count=config.prefetch_count or prefetch_count or self.prefetch_count,
-                retry=config.retry_policy(self.retry),
-                metadata=self.metadata,
-            )
-            producer = RabbitMQProducer(consumer(options) if consumer else options)
-        return Wiring(self, settings, config, source, producer)
+            return Wiring(self, settings, config, source, CsvFileProducer(source), None)
+        queue = config.queue or self.queue
+        options = RabbitMQOptions(
+            queue=queue,
+            declare=config.queue_declare(queue),
+            url=settings.amqp_url.get_secret_value(),
+            connection_name=client_name(f"ingest-{self.name}"),
+            prefetch_count=config.prefetch_count or prefetch_count or self.prefetch_count,
+            retry=config.retry_policy(self.retry),
+            metadata=self.metadata,
+        )
+        options = consumer(options) if consumer else options
+        return Wiring(self, settings, config, None, RabbitMQProducer(options), options)
 
     def factory(self, build: Callable[..., HostedPipeline]) -> DeclaredFactory:
         """`build` as the `ingest.pipelines` entry point takes it, declaring this
@@ -126,13 +124,15 @@ class DeclaredFactory:
 @dataclass(frozen=True)
 class Wiring(Generic[S]):
     """A declaration applied to the settings: its producer (`from_queue`: a broker's,
-    else a file's), and what builds its pipelines, publishers and hosted pipeline."""
+    consuming with `options`; else a file's, `options` None), and what builds its
+    pipelines, publishers and hosted pipeline."""
 
     declaration: Declaration[S]
     settings: Settings
     config: S
     source: Path | None
-    producer: CsvFileProducer | RabbitMQProducer
+    producer: Producer
+    options: RabbitMQOptions | None
 
     @property
     def from_queue(self) -> bool:
