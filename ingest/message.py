@@ -53,7 +53,7 @@ class Message:
 
     The helpers change the message in place and return it, so a handler can chain them::
 
-        return message.update_data(parse).put_batcher("cinema").put_batch_key(user_id)
+        return message.update_data(parse).put_batcher("express").put_batch_key(user_id)
     """
 
     __slots__ = (

@@ -32,11 +32,11 @@ class Pipeline:
     """A producer, a processor group and optional batchers, run with Broadway's semantics::
 
         pipeline = Pipeline(
-            "bookings",
-            BookingHandlers(),
+            "orders",
+            OrderHandlers(),
             producer,
             processors=Processors(concurrency=4),
-            batchers={"cinema": Batcher(batch_size=75)},
+            batchers={"express": Batcher(batch_size=75)},
         )
         async with pipeline:
             ...

@@ -38,7 +38,7 @@ async def close_within(closing: Awaitable[None], log: FilteringBoundLogger, what
     raises is logged and the shutdown goes on (what a broker did not see acknowledged, it
     redelivers)::
 
-        log = structlog.get_logger().bind(pipeline="bookings")
+        log = structlog.get_logger().bind(pipeline="orders")
         await close_within(producer.close(), log, "producer close")
         await close_within(database.close(), log, "database close")  # runs even so
 

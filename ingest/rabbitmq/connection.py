@@ -19,7 +19,7 @@ from ingest.rabbitmq._aiormq.reader import open_fast_connection
 
 
 def client_name(role: str) -> str:
-    """A connection name saying what and which process: `ingest-bookings (host pid 42)`,
+    """A connection name saying what and which process: `ingest-orders (host pid 42)`,
     so the management UI tells the workers of `ingest run --workers N` apart."""
     return f"{role} ({socket.gethostname()} pid {os.getpid()})"
 

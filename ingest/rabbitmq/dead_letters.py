@@ -1,7 +1,7 @@
 """Dead letters: look at a work queue's dead-letter queue, move its messages back, or purge
 it::
 
-    async with DeadLetters(url, "bookings_queue") as dead:
+    async with DeadLetters(url, "orders_queue") as dead:
         for letter in await dead.show(limit=20, reason="unknown user"):
             print(letter.reason, letter.message_id)
         replayed = await dead.replay(reason="database", progress=print)

@@ -135,7 +135,7 @@ class QueueDeclare:
 class Binding:
     """A binding of the queue to an exchange (the exchange must exist)::
 
-    Binding("amq.topic", routing_key="bookings.#")
+    Binding("amq.topic", routing_key="orders.#")
     """
 
     exchange: str
@@ -148,7 +148,7 @@ class Binding:
             "Binding ",
             (
                 ("exchange", str, "an exchange name (str), e.g. Binding('amq.topic')"),
-                ("routing_key", str, "a str, e.g. routing_key='bookings.#'"),
+                ("routing_key", str, "a str, e.g. routing_key='orders.#'"),
                 ("arguments", Mapping, _ARGUMENTS),
             ),
         )
@@ -192,8 +192,8 @@ class RetryPolicy:
 class RabbitMQOptions:
     """Everything the RabbitMQ producer needs; see docs/rabbitmq.md for each option::
 
-        RabbitMQOptions(queue="bookings_queue", url="amqp://guest:guest@localhost/%2F",
-                        prefetch_count=500, retry=RetryPolicy(max_attempts=3))
+        RabbitMQOptions(queue="orders_queue", url="amqp://guest:guest@localhost/%2F",
+                      prefetch_count=500, retry=RetryPolicy(max_attempts=3))
 
     `prefetch_count=None` lets the pipeline pick one its batchers can always fill.
     `dead_letter_queue` (default `<queue>.dlq`, `""` to disable) receives messages that
@@ -294,7 +294,7 @@ class RabbitMQOptions:
             if not isinstance(binding, Binding):
                 raise TypeError(
                     f"bindings[{index}] must be a Binding(exchange, routing_key), e.g. "
-                    f"Binding('amq.topic', routing_key='bookings.#'); got {binding!r}"
+                    f"Binding('amq.topic', routing_key='orders.#'); got {binding!r}"
                 )
         for index, name in enumerate(self.metadata):
             if not isinstance(name, str):
@@ -374,7 +374,7 @@ _OPTION_TYPES: Final[tuple[tuple[str, Any, str], ...]] = (
     (
         "bindings",
         tuple,
-        "a tuple of Binding, e.g. bindings=(Binding('amq.topic', routing_key='bookings.#'),)",
+        "a tuple of Binding, e.g. bindings=(Binding('amq.topic', routing_key='orders.#'),)",
     ),
     (
         "retry",

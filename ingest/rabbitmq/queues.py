@@ -2,7 +2,7 @@
 retry queues, the bindings), a quorum work queue's arguments, and what to do when the
 broker refuses a declaration::
 
-    RabbitMQOptions(queue="bookings_queue", declare=quorum("bookings_queue.dlq", 20))
+    RabbitMQOptions(queue="orders_queue", declare=quorum("orders_queue.dlq", 20))
 """
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ async def _hook(channel: Any) -> None:
             id="bindings-list",
         ),
         pytest.param(
-            {"bindings": (("amq.topic", "bookings.#"),)},
+            {"bindings": (("amq.topic", "orders.#"),)},
             r"bindings\[0\] must be a Binding\(exchange, routing_key\)",
             id="binding-tuple",
         ),
