@@ -8,7 +8,7 @@ RUN python -m venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY ingest ./ingest
 COPY pipelines ./pipelines
-RUN /opt/venv/bin/pip install --no-compile ".[fast]"
+RUN /opt/venv/bin/pip install --no-compile ".[fast,tickets]"
 
 FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \

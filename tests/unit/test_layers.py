@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import io
+import subprocess
 import sys
 import tokenize
 import warnings
@@ -76,6 +77,22 @@ def test_a_module_imports_nothing_from_a_higher_layer(path: Path) -> None:
         if name == forbidden or name.startswith(f"{forbidden}.")
     ]
     assert wrong == [], f"{layer} module {path.name} imports {wrong}"
+
+
+def test_the_framework_imports_without_the_sql_extra() -> None:
+    """Installed without the `sql` or `tickets` extra, the engine, the connector and the
+    service import: SQLAlchemy, aiosqlite and asyncpg are the SQL store's and the app's."""
+    blocked = ("sqlalchemy", "aiosqlite", "asyncpg")
+    modules = ("ingest", "ingest.testing", "ingest.rabbitmq", "ingest.service.cli")
+    code = "; ".join(
+        [
+            "import sys",
+            *(f"sys.modules[{name!r}] = None" for name in blocked),
+            *(f"import {module}" for module in modules),
+        ]
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_the_check_sees_a_forbidden_import(tmp_path: Path) -> None:
