@@ -5,10 +5,10 @@ the connection names."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, Unpack
 
 from ingest.handlers import Handlers
 from ingest.options import Batcher, Processors
@@ -19,9 +19,8 @@ from ingest.rabbitmq.connection import client_name
 from ingest.rabbitmq.options import RabbitMQOptions, RetryPolicy
 from ingest.rabbitmq.producer import RabbitMQProducer
 from ingest.rabbitmq.publisher import Publisher
-from ingest.service.hosted import HostedPipeline, Route
+from ingest.service.hosted import Hooks, HostedPipeline
 from ingest.service.settings import PipelineSettings, Settings
-from ingest.service.uploads import FileProcessing
 from ingest.typing import PartitionBy
 
 S = TypeVar("S", bound=PipelineSettings)
@@ -182,22 +181,5 @@ class Wiring(Generic[S]):
         name = client_name(f"ingest-{self.declaration.name}-{role}")
         return Publisher(self.url, connection_name=name, **options)
 
-    def host(
-        self,
-        pipeline: Pipeline,
-        *,
-        startup: Callable[[], Awaitable[None]] | None = None,
-        shutdown: Callable[[], Awaitable[None]] | None = None,
-        samples: Callable[[int], list[bytes]] | None = None,
-        uploads: FileProcessing | None = None,
-        route: Route | None = None,
-    ) -> HostedPipeline:
-        return HostedPipeline.of(
-            pipeline,
-            self.queue,
-            startup=startup,
-            shutdown=shutdown,
-            samples=samples,
-            uploads=uploads,
-            route=route,
-        )
+    def host(self, pipeline: Pipeline, **hooks: Unpack[Hooks]) -> HostedPipeline:
+        return HostedPipeline.of(pipeline, self.queue, **hooks)

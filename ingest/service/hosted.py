@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypedDict, Unpack, runtime_checkable
 
 from ingest.pipeline import Pipeline
 from ingest.producer import (
@@ -29,6 +29,16 @@ from ingest.rabbitmq.publisher import OutgoingMessage
 if TYPE_CHECKING:
     from ingest.service.settings import PipelineSettings, Settings
     from ingest.service.uploads import FileProcessing
+
+
+class Hooks(TypedDict, total=False):
+    """What a pipeline brings to its hosting beside the pipeline: see HostedPipeline."""
+
+    startup: Callable[[], Awaitable[None]] | None
+    shutdown: Callable[[], Awaitable[None]] | None
+    samples: Callable[[int], list[bytes]] | None
+    uploads: FileProcessing | None
+    route: Route | None
 
 
 @dataclass
@@ -75,17 +85,7 @@ class HostedPipeline:
         return state
 
     @classmethod
-    def of(
-        cls,
-        pipeline: Pipeline,
-        queue: str | None,
-        *,
-        startup: Callable[[], Awaitable[None]] | None = None,
-        shutdown: Callable[[], Awaitable[None]] | None = None,
-        samples: Callable[[int], list[bytes]] | None = None,
-        uploads: FileProcessing | None = None,
-        route: Route | None = None,
-    ) -> HostedPipeline:
+    def of(cls, pipeline: Pipeline, queue: str | None, **hooks: Unpack[Hooks]) -> HostedPipeline:
         """Host `pipeline`, reading what its producer offers off its capability
         protocols: a consuming producer is ready while it consumes, any other always;
         a finite one (a file) ends the service once it is done."""
@@ -97,15 +97,11 @@ class HostedPipeline:
             queue=queue,
             ready=(lambda: consuming.ready) if consuming else (lambda: True),
             stats=producer.stats if isinstance(producer, CountingProducer) else None,
-            startup=startup,
-            shutdown=shutdown,
-            samples=samples,
             finished=producer.finished if isinstance(producer, FiniteProducer) else None,
-            uploads=uploads,
-            route=route,
             work_queues=from_queues.work_queues() if from_queues else [],
             queues=from_queues.queues() if from_queues else [],
             prefetch=producer.prefetch if isinstance(producer, PrefetchingProducer) else None,
+            **hooks,
         )
 
 
