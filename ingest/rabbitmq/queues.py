@@ -7,6 +7,7 @@ broker refuses a declaration::
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import aiormq
@@ -42,17 +43,21 @@ async def declare(channel: aiormq.abc.AbstractChannel, options: RabbitMQOptions)
             passive=queue.passive,
             arguments=dict(queue.arguments),
         )
+    # The dead-letter and retry queues are of the work queue's type: a quorum queue's are
+    # replicated too, so that a cluster node stopped leaves none of them unreachable (a
+    # classic queue whose node is down cannot be declared, and its consumer would not
+    # start). Quorum queues take a message TTL from RabbitMQ 3.10.
+    quorum = queue is not None and queue.queue_type == "quorum"
+    typed: dict[str, Any] = {"x-queue-type": "quorum"} if quorum else {}
     if options.dlq_name:
-        # Of the work queue's type: a quorum queue's dead letters are replicated too.
-        quorum = queue is not None and queue.queue_type == "quorum"
-        arguments: dict[str, Any] = {"x-queue-type": "quorum"} if quorum else {}
-        await channel.queue_declare(options.dlq_name, durable=True, arguments=arguments)
+        await channel.queue_declare(options.dlq_name, durable=True, arguments=typed)
     if options.retry is not None:
         for delay in sorted(set(options.retry.delays)):
             await channel.queue_declare(
                 retry_queue_name(options.queue, delay),
                 durable=True,
                 arguments={
+                    **typed,
                     "x-message-ttl": round(delay * 1000),
                     "x-dead-letter-exchange": "",
                     "x-dead-letter-routing-key": options.queue,
@@ -68,12 +73,23 @@ async def declare(channel: aiormq.abc.AbstractChannel, options: RabbitMQOptions)
 
 
 def explain_refusal(error: BaseException, options: RabbitMQOptions) -> str | None:
-    """One line on what to do when the broker refused to declare the queue as asked,
-    for the case people meet: the queue exists with another type or other arguments."""
+    """One line on what to do when the broker refused to declare a queue as asked, for
+    the case people meet: the queue exists with another type or other arguments."""
     text = str(error)
     if "PRECONDITION_FAILED" not in text or "inequivalent arg" not in text:
         return None
     wanted = options.declare.queue_type if options.declare is not None else "classic"
+    named = _REFUSED_QUEUE.search(text)
+    refused = named.group(1) if named else options.queue
+    if refused != options.queue:
+        # A retry or dead-letter queue made by an earlier version as a classic queue.
+        return (
+            f"queue {refused!r} exists with other arguments than this service declares: "
+            f"the retry and dead-letter queues of a {wanted} work queue are {wanted} "
+            f"queues. A queue cannot change type in place: once it is empty "
+            f"(rabbitmqctl list_queues), delete it (rabbitmqctl delete_queue {refused}) "
+            f"so that it is declared anew"
+        )
     return (
         f"queue {options.queue!r} exists with other arguments than this service declares "
         f"({wanted}): a queue cannot change type in place. Keep it with queue_type = "
@@ -81,3 +97,7 @@ def explain_refusal(error: BaseException, options: RabbitMQOptions) -> str | Non
         f"away (e.g. the shovel plugin) and delete it (rabbitmqctl delete_queue "
         f"{options.queue}) so that it is declared anew"
     )
+
+
+# How the broker names the queue in a refusal: "... for queue 'orders_queue' in vhost ...".
+_REFUSED_QUEUE = re.compile(r"for queue '([^']+)'")
