@@ -124,6 +124,7 @@ def test_the_definitions_declare_every_queue_the_pipelines_use_as_they_declare_i
         assert options.retry is not None
         for delay in options.retry.delays:
             expected[retry_queue_name(options.queue, delay)] = {
+                "x-queue-type": options.declare.queue_type,  # as the work queue's
                 "x-message-ttl": round(delay * 1000),
                 "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": options.queue,
