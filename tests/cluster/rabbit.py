@@ -191,10 +191,12 @@ class Cluster:
         active: dict[str, int | None] = {}
         for queue in queues:
             details = self.api(f"queues/%2F/{quote(queue, safe='')}")
+            # A consumer whose channel the management database has not caught up with
+            # shows `channel_details` as an empty list: not known yet, so not counted.
             owners = [
                 pids.get(consumer["channel_details"]["connection_name"])
                 for consumer in details.get("consumer_details", [])
-                if consumer.get("active")
+                if consumer.get("active") and isinstance(consumer.get("channel_details"), dict)
             ]
             active[queue] = owners[0] if owners else None
         return active

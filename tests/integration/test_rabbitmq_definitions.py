@@ -53,6 +53,7 @@ async def test_imported_definitions_give_a_working_user_and_the_queues(broker: B
             "bookings_queue.retry.1000ms",
             durable=True,
             arguments={
+                "x-queue-type": "quorum",
                 "x-message-ttl": 1000,
                 "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": "bookings_queue",
