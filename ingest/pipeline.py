@@ -144,11 +144,6 @@ class Pipeline:
         return self._spec.max_seconds
 
     @property
-    def _producer_holds(self) -> int | None:
-        # What the producer said it may hold (the connector's tests check its prefetch).
-        return self._spec.producer_holds
-
-    @property
     def state(self) -> State:
         """`new`, `running`, `restarting` (after a crash), `failed` (past the restart
         limit, or the start raised), `stopping` or `stopped`."""

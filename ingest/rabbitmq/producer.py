@@ -86,7 +86,7 @@ class RabbitMQProducer:
         else:
             shape.check_bound(self.options.prefetch_count, "prefetch_count")
             self.prefetch_count = self.options.prefetch_count
-        return sum(self.prefetch_of(index) for index in range(self.options.concurrency))
+        return self.prefetch
 
     async def start(self, sink: Sink) -> None:
         # New consumers each time: after a crash the pipeline closes this producer and

@@ -212,7 +212,7 @@ async def test_a_per_producer_prefetch_count_is_that_consumers_qos(
 
     await eventually(both_listed, timeout=15)
     assert prefetches == [5, 60]
-    assert pipeline._producer_holds == 65
+    assert pipeline.producer.prefetch == 65  # type: ignore[attr-defined]
 
 
 async def test_with_no_ack_the_backlog_waits_in_the_broker_while_the_intake_is_full(

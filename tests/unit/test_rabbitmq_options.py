@@ -62,16 +62,17 @@ def test_the_chosen_prefetch_has_room_for_every_batch_processor() -> None:
 
 def test_the_pipeline_intake_holds_everything_the_broker_may_send() -> None:
     producer = RabbitMQProducer(RabbitMQOptions(queue="q", prefetch_count=500, concurrency=2))
-    pipeline = Pipeline("p", Routes(), producer, processors=Processors(concurrency=2))
-    assert pipeline._producer_holds == 1000
+    Pipeline("p", Routes(), producer, processors=Processors(concurrency=2))
+    assert producer.prefetch == 1000  # what bind() tells the pipeline to make room for
 
 
 def test_a_per_producer_prefetch_count_counts_in_what_the_producer_holds() -> None:
     options = RabbitMQOptions(
         queue="q", prefetch_count=500, concurrency=3, per_producer={1: {"prefetch_count": 5}}
     )
-    pipeline = Pipeline("p", Routes(), RabbitMQProducer(options))
-    assert pipeline._producer_holds == 500 + 5 + 500
+    producer = RabbitMQProducer(options)
+    Pipeline("p", Routes(), producer)
+    assert producer.prefetch == 500 + 5 + 500
 
 
 @pytest.mark.parametrize(

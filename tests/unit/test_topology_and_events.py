@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from ingest import Batcher, Event, Handlers, InMemoryProducer, Message, Pipeline, Processors
+from ingest.events import EventKind
 from ingest.rabbitmq import RabbitMQOptions, RabbitMQProducer
 from ingest.testing import send_batch
 
@@ -128,21 +129,29 @@ class RaisingHooks(Handlers):
         return messages
 
 
+async def span_around(
+    make_pipeline: MakePipeline, data: str, span: str, every_kind: bool
+) -> tuple[Event, Event, Event]:
+    """One message sent through RaisingHooks: its span's events must be start, exception,
+    the ack, then stop (and nothing else, with `every_kind`), the exception the hook's."""
+    pipeline = await make_pipeline(RaisingHooks(), batchers={"b": Batcher(batch_size=1)})
+    order = [f"{span}.start", f"{span}.exception", "ack", f"{span}.stop"]
+    events: list[Event] = []
+    kinds = None if every_kind else cast(set[EventKind], set(order))
+    pipeline.events.subscribe(events.append, kinds=kinds)
+    await send_batch(pipeline, [data])
+    assert [event.kind for event in events] == order
+    start, exception, _, stop = events
+    assert isinstance(exception.exception, ConnectionError)
+    return start, exception, stop
+
+
 async def test_a_chunk_whose_prepare_messages_raised_reports_the_exception_then_stops(
     make_pipeline: MakePipeline,
 ) -> None:
-    pipeline = await make_pipeline(RaisingHooks(), batchers={"b": Batcher(batch_size=1)})
-    events: list[Event] = []
-    pipeline.events.subscribe(events.append)
-    await send_batch(pipeline, ["database down"])
-    assert [event.kind for event in events] == [
-        "processor.start",
-        "processor.exception",
-        "ack",
-        "processor.stop",
-    ]
-    start, exception, _, stop = events
-    assert isinstance(exception.exception, ConnectionError)
+    start, exception, stop = await span_around(
+        make_pipeline, "database down", "processor", every_kind=True
+    )
     assert {event.stage for event in (start, exception, stop)} == {"processor_0"}
     assert (stop.successful, stop.failed, stop.durations) == (0, 1, ())
     assert stop.duration is not None
@@ -152,20 +161,9 @@ async def test_a_chunk_whose_prepare_messages_raised_reports_the_exception_then_
 async def test_a_batch_whose_handle_batch_raised_reports_the_exception_then_stops(
     make_pipeline: MakePipeline,
 ) -> None:
-    pipeline = await make_pipeline(RaisingHooks(), batchers={"b": Batcher(batch_size=1)})
-    events: list[Event] = []
-    pipeline.events.subscribe(
-        events.append, kinds={"batch.start", "batch.exception", "ack", "batch.stop"}
+    start, exception, stop = await span_around(
+        make_pipeline, "mail server down", "batch", every_kind=False
     )
-    await send_batch(pipeline, ["mail server down"])
-    assert [event.kind for event in events] == [
-        "batch.start",
-        "batch.exception",
-        "ack",
-        "batch.stop",
-    ]
-    start, exception, _, stop = events
-    assert isinstance(exception.exception, ConnectionError)
     assert start.batch_info == exception.batch_info == stop.batch_info
     assert stop.batch_info is not None
     assert stop.batch_info.size == 1
