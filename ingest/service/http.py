@@ -27,6 +27,7 @@ from ingest.pipeline import Pipeline
 from ingest.rabbitmq.dead_letters import DeadLetters
 from ingest.service import dlq
 from ingest.service.activity import delta
+from ingest.service.metrics import UploadRows
 from ingest.service.protection import (
     AdminFailures,
     BoundedSite,
@@ -88,23 +89,16 @@ class HttpServer:
         self.snapshot = snapshot
         self.uploads = uploads
         self.protections = protections
-        self._closing = asyncio.Event()  # ends the event streams when the server stops
-        self._streams = 0  # event streams open
-        self._admin_token = admin_token.encode() if admin_token else None
-        self._failures = AdminFailures()
-        app = web.Application(
-            middlewares=[
-                host_check(protections.allowed_hosts),
-                body_deadline(protections.body_timeout),
-            ]
-        )
-        app.on_response_prepare.append(secure)
+        if uploads is not None and uploads.processing:
+            # Here, where the registry and the uploads meet (hosting.serve builds both).
+            registry.register(UploadRows(uploads.rows))
+        self._streams = EventStreams(protections.max_event_streams)
+        self._admin = AdminGate(admin_token)
+        app = application(protections)
         app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/", _static("index.html", "text/html; charset=utf-8"))
-        app.router.add_get("/static/app.js", _static("app.js", "text/javascript; charset=utf-8"))
-        app.router.add_get("/static/app.css", _static("app.css", "text/css; charset=utf-8"))
+        add_page(app)
         app.router.add_get("/api/snapshot", self._snapshot)
         app.router.add_get("/events", self._events)
         app.router.add_post("/pipelines/{name}/pause", self._admin(self._pause))
@@ -116,30 +110,15 @@ class HttpServer:
         app.router.add_get("/uploads", self._admin(self._uploads))
         app.router.add_get("/uploads/{id}", self._admin(self._upload_status))
         app.router.add_get("/uploads/{id}/errors.csv", self._admin(self._upload_errors))
-        # A stopping server waits this long for open requests (event streams end at once).
-        # keepalive_timeout runs from a connection's start or its previous answer until a
-        # request's headers are whole: a slow sender (slowloris) is cut off, and an idle
-        # connection closed.
-        self._runner = web.AppRunner(
-            app,
-            access_log=None,
-            shutdown_timeout=5.0,
-            keepalive_timeout=protections.header_timeout,
-        )
+        self._runner = runner(app, protections)
 
     async def start(self) -> None:
-        await self._runner.setup()
-        limit = self.protections.max_connections
-        site = BoundedSite(self._runner, self.host, self.port, limit)
-        await site.start()
-        # Port 0 picks a free one: report the real port.
-        self.port = self._runner.addresses[0][1]
-        logger.info("http server listening", host=self.host, port=self.port)
+        self.port = await listen(self._runner, self.host, self.port, self.protections)
 
     async def stop(self) -> None:
-        self._closing.set()
+        self._streams.close()
         await self._runner.cleanup()
-        self._failures.flush()
+        self._admin.flush()
 
     # -- read-only ------------------------------------------------------------------------
 
@@ -147,9 +126,6 @@ class HttpServer:
         response = web.Response(body=generate_latest(self.registry))
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
 
     async def _readyz(self, request: web.Request) -> web.Response:
         reasons = {name: not_ready() for name, not_ready in self.readiness.items()}
@@ -165,66 +141,16 @@ class HttpServer:
         return web.json_response(self.snapshot())
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
-        """Server-sent events: the snapshot, then once a second what changed in it
-        (`activity.delta`), until the client goes away or the server stops."""
-        if self.snapshot is None:
+        snapshot = self.snapshot
+        if snapshot is None:
             return _error(404, "no live figures in this service")
-        if self._streams >= self.protections.max_event_streams:
-            refused = _error(
-                503,
-                f"{self._streams} live streams are open, the most this service serves "
-                f"(INGEST_HTTP_MAX_EVENT_STREAMS): try again shortly",
-            )
-            refused.headers["Retry-After"] = str(EVENT_STREAMS_RETRY_AFTER_S)
-            return refused
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        self._streams += 1
-        try:
-            await response.prepare(request)
-            previous: dict[str, Any] | None = None
-            while not self._closing.is_set():
-                # The history once, then what changed (activity.delta).
-                current = self.snapshot()
-                sent = current if previous is None else delta(previous, current)
-                previous = current
-                await response.write(f"data: {json.dumps(sent)}\n\n".encode())
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(EVENT_INTERVAL_S):
-                        await self._closing.wait()
-        except ConnectionResetError:
-            pass  # the client went away
-        finally:
-            self._streams -= 1
-        return response
+
+        async def current() -> dict[str, Any]:
+            return snapshot()
+
+        return await self._streams.stream(request, current)
 
     # -- admin ----------------------------------------------------------------------------
-
-    def _admin(self, handler: Handler) -> Handler:
-        """`handler` behind the admin token, compared in constant time; a peer that sent
-        wrong ones too often waits (429) before its token is compared again."""
-
-        async def authorized(request: web.Request) -> web.StreamResponse:
-            if self._admin_token is None:
-                return _error(403, "admin endpoints are off: set INGEST_ADMIN_TOKEN to use them")
-            peer = request.remote or "unknown"
-            wait = self._failures.throttle(peer)
-            if wait is not None:
-                response = _error(429, f"too many wrong admin tokens: try again in {wait} s")
-                response.headers["Retry-After"] = str(wait)
-                return response
-            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), self._admin_token
-            ):
-                self._failures.failed(peer)
-                response = _error(401, "a valid admin token is needed: Authorization: Bearer ...")
-                response.headers["WWW-Authenticate"] = "Bearer"
-                return response
-            return await handler(request)
-
-        return authorized
 
     async def _pause(self, request: web.Request) -> web.Response:
         return await self._hold(request, pause=True)
@@ -356,6 +282,148 @@ class HttpServer:
         if not path.is_file():
             return _error(404, f"upload {upload.id} has no failed rows (yet)")
         return web.FileResponse(path, headers={"Content-Type": "text/csv; charset=utf-8"})
+
+
+# -- the pieces every server of the service shares (this one, and the supervisor's of
+# `ingest run --workers N`: ingest.service.fleet_http) -----------------------------------
+
+
+def application(protections: Protections) -> web.Application:
+    """An aiohttp application with the service's protections: the Host check (421), the
+    deadline for request bodies (408) and the security headers on every answer."""
+    app = web.Application(
+        middlewares=[
+            host_check(protections.allowed_hosts),
+            body_deadline(protections.body_timeout),
+        ]
+    )
+    app.on_response_prepare.append(secure)
+    return app
+
+
+def add_page(app: web.Application) -> None:
+    """The live page: `GET /` and its script and style."""
+    app.router.add_get("/", _static("index.html", "text/html; charset=utf-8"))
+    app.router.add_get("/static/app.js", _static("app.js", "text/javascript; charset=utf-8"))
+    app.router.add_get("/static/app.css", _static("app.css", "text/css; charset=utf-8"))
+
+
+def runner(app: web.Application, protections: Protections) -> web.AppRunner:
+    """`app`'s runner. A stopping server waits 5 s for open requests (event streams end at
+    once). keepalive_timeout runs from a connection's start or its previous answer until a
+    request's headers are whole: a slow sender (slowloris) is cut off, and an idle
+    connection closed."""
+    return web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=5.0,
+        keepalive_timeout=protections.header_timeout,
+    )
+
+
+async def listen(runner: web.AppRunner, host: str, port: int, protections: Protections) -> int:
+    """Serve `runner` on `host:port`, at most `max_connections` at once; the port served
+    (port 0 picks a free one)."""
+    await runner.setup()
+    site = BoundedSite(runner, host, port, protections.max_connections)
+    await site.start()
+    served: int = runner.addresses[0][1]
+    logger.info("http server listening", host=host, port=served)
+    return served
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process answers."""
+    return web.Response(text="ok\n")
+
+
+class AdminGate:
+    """Wraps a handler behind the admin token (`Authorization: Bearer ...`), compared in
+    constant time; a peer that sent wrong ones too often waits (429) before its token is
+    compared again. Without a token, the wrapped handlers answer 403 and say so."""
+
+    def __init__(self, token: str | None) -> None:
+        self._token = token.encode() if token else None
+        self._failures = AdminFailures()
+
+    def __call__(self, handler: Handler) -> Handler:
+        async def authorized(request: web.Request) -> web.StreamResponse:
+            refused = self.refusal(request)
+            return refused if refused is not None else await handler(request)
+
+        return authorized
+
+    def refusal(self, request: web.Request) -> web.Response | None:
+        """The answer refusing `request` (403, 429, 401), or None when it may go on."""
+        if self._token is None:
+            return _error(403, "admin endpoints are off: set INGEST_ADMIN_TOKEN to use them")
+        peer = request.remote or "unknown"
+        wait = self._failures.throttle(peer)
+        if wait is not None:
+            response = _error(429, f"too many wrong admin tokens: try again in {wait} s")
+            response.headers["Retry-After"] = str(wait)
+            return response
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), self._token
+        ):
+            self._failures.failed(peer)
+            response = _error(401, "a valid admin token is needed: Authorization: Bearer ...")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        return None
+
+    def flush(self) -> None:
+        """Log the refusals not logged yet (the server stops)."""
+        self._failures.flush()
+
+
+class EventStreams:
+    """`GET /events`: server-sent events of a snapshot, at most `limit` streams open at
+    once (the next is answered 503 with Retry-After); `close()` ends them all."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        self._closing.set()
+
+    async def stream(
+        self, request: web.Request, snapshot: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> web.StreamResponse:
+        """The snapshot, then once a second what changed in it (`activity.delta`), until
+        the client goes away or the server stops."""
+        if self.open >= self.limit:
+            refused = _error(
+                503,
+                f"{self.open} live streams are open, the most this service serves "
+                f"(INGEST_HTTP_MAX_EVENT_STREAMS): try again shortly",
+            )
+            refused.headers["Retry-After"] = str(EVENT_STREAMS_RETRY_AFTER_S)
+            return refused
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        self.open += 1
+        try:
+            await response.prepare(request)
+            previous: dict[str, Any] | None = None
+            while not self._closing.is_set():
+                # The history once, then what changed (activity.delta).
+                current = await snapshot()
+                sent = current if previous is None else delta(previous, current)
+                previous = current
+                await response.write(f"data: {json.dumps(sent)}\n\n".encode())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(EVENT_INTERVAL_S):
+                        await self._closing.wait()
+        except ConnectionResetError:
+            pass  # the client went away
+        finally:
+            self.open -= 1
+        return response
 
 
 def _too_large(limit: int) -> web.Response:

@@ -273,6 +273,25 @@ class _WindowsCollector(Collector):
         yield from (windows, messages, oldest, closed)
 
 
+class UploadRows(Collector):
+    """`ingest_upload_rows_total{pipeline,outcome}`: the rows of uploaded files settled so
+    far, by outcome (`successful`, `failed`), read at scrape time from `rows` (the service's
+    `Uploads.rows`), so the upload at work counts as it goes."""
+
+    def __init__(self, rows: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        self._rows = rows
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "ingest_upload_rows",
+            "Rows of uploaded files settled, by outcome (successful, failed)",
+            labels=["pipeline", "outcome"],
+        )
+        for (pipeline, outcome), value in sorted(self._rows().items()):
+            family.add_metric([pipeline, outcome], value)
+        yield family
+
+
 class _FrameCollector(Collector):
     """The RabbitMQ fast path's counters, process-wide: deliveries whose strings were not
     UTF-8 (decoded leniently), whose headers nothing could decode (rejected), or for a

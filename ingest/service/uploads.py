@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,11 +18,13 @@ from ingest.producers.csv_file import CsvFileProducer
 from ingest.service.logging import FAILURE_EVENTS, SampledFailures
 from ingest.service.spool import Spool, Upload
 from ingest.service.upload_form import UploadForm
+from ingest.service.workers import worker_index
 from ingest.waiting import first_of
 
 logger = structlog.get_logger("ingest.service.uploads")
 
 REPORT_RETRY_S = (1.0, 5.0, 15.0, 60.0)  # a mail server that is down is tried again
+ROW_OUTCOMES = ("successful", "failed")  # as the CSV producer settles a row
 
 
 class FileProcessing(Protocol):
@@ -55,10 +58,17 @@ class Uploads:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._current: tuple[Upload, CsvFileProducer] | None = None
+        # Rows settled by the uploads processed in this process, per (pipeline, outcome),
+        # the one at work not yet included (`rows()` adds its live counts).
+        self._rows: Counter[tuple[str, str]] = Counter()
 
     def claim(self) -> bool:
         """Take the spool for this process, if there are uploads to process and no other
-        process took it (another worker of `ingest run --workers N`)."""
+        process took it. The workers of `ingest run --workers N` leave the uploads to
+        worker 0, where their supervisor sends them (whichever worker started first)."""
+        worker = worker_index()
+        if worker is not None and worker != 0:
+            return False
         if self.processing and not self.owner:
             self.owner = self.spool.claim()
             if not self.owner:
@@ -116,6 +126,13 @@ class Uploads:
             )
             await pipeline.stop()
         finally:
+            # Counted and forgotten in one step: `rows()` never sees them twice or not at all.
+            self._rows.update(
+                {
+                    (upload.pipeline, "successful"): producer.successful,
+                    (upload.pipeline, "failed"): producer.failed,
+                }
+            )
             self._current = None
             failures.flush(pipeline.name)
         upload.successful, upload.failed = producer.successful, producer.failed
@@ -175,6 +192,22 @@ class Uploads:
         except TimeoutError:
             return False
         return True
+
+    def rows(self) -> dict[tuple[str, str], int]:
+        """Rows settled by uploads in this process, per (pipeline, outcome: successful,
+        failed), the upload at work counted as it goes (`ingest_upload_rows_total`). Each
+        pipeline that takes uploads has both outcomes, at 0 before its first row. An upload
+        resumed after a restart is read again from its start: its rows count again."""
+        rows = Counter(self._rows)
+        if self._current is not None:
+            upload, producer = self._current
+            rows[(upload.pipeline, "successful")] += producer.successful
+            rows[(upload.pipeline, "failed")] += producer.failed
+        return {
+            (name, outcome): rows[(name, outcome)]
+            for name in self.processing
+            for outcome in ROW_OUTCOMES
+        }
 
     def forms(self) -> dict[str, dict[str, Any]]:
         """Where uploads go and what rows each takes, for the page's form."""

@@ -1,61 +1,142 @@
 """Workers: `ingest run --workers N` runs N service processes that compete for the same
-queues, and stops them all together."""
+queues, behind one HTTP address served by their supervisor, and stops them all together."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
-import subprocess
+import socket
 import sys
-import time
 from collections.abc import Sequence
-from types import FrameType
 
 import structlog
 
+from ingest.exceptions import StartupError
+from ingest.service.settings import Settings
+
 logger = structlog.get_logger("ingest.service.workers")
 
+WORKER_ENV = "INGEST_WORKER"  # set to worker i's index in its environment
+WORKER_HOST = "127.0.0.1"  # where the workers serve: only their supervisor calls them
 
-def supervise(workers: int, arguments: Sequence[str], http_port: int) -> int:
-    """Start `workers` copies of `ingest run <arguments>` (worker i serves HTTP on
-    `http_port + i` and is replica i of `workers`), forward SIGTERM/SIGINT to them, and
-    wait for all. If one exits on its own, the others are stopped too. The exit code is
-    the first non-zero one, else 0."""
-    children: list[subprocess.Popen[bytes]] = []
-    stopping = False
 
-    def stop(signum: int, frame: FrameType | None = None) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+def worker_index() -> int | None:
+    """This process's index among the workers of `ingest run --workers N`, or None when it
+    is not one of them."""
+    value = os.environ.get(WORKER_ENV, "")
+    return int(value) if value.isdigit() else None
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+
+def supervise(workers: int, arguments: Sequence[str], settings: Settings) -> int:
+    """Serve the service's HTTP address (`INGEST_HTTP_HOST:INGEST_HTTP_PORT`:
+    ingest.service.fleet_http) and start `workers` copies of `ingest run <arguments>`,
+    worker i being replica i of `workers` and serving HTTP on a private loopback port;
+    forward SIGTERM/SIGINT to them, and wait for all. If one exits on its own, the others
+    are stopped too. The exit code is the first non-zero one (in the workers' order), else
+    0; StartupError when the address cannot be served (no worker started)."""
+    return asyncio.run(_supervise(workers, arguments, settings))
+
+
+async def _supervise(workers: int, arguments: Sequence[str], settings: Settings) -> int:
+    # Imported here: the workers import this module (worker_index) and need no client.
+    from ingest.service.fleet_http import Fleet, FleetServer, Member
+    from ingest.service.protection import Protections
+
+    fleet = Fleet()
+    token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    server = FleetServer(
+        settings.http_host, settings.http_port, fleet, token, protections=Protections.of(settings)
+    )
     try:
-        for index in range(workers):
-            if stopping:  # a signal came while the first workers were starting
+        await server.start()
+    except OSError as exc:
+        await server.stop()
+        raise StartupError(
+            f"cannot serve HTTP on {settings.http_host}:{settings.http_port}: {exc.strerror or exc}"
+        ) from exc
+    await fleet.start()
+    children: list[asyncio.subprocess.Process] = []
+    stop = asyncio.Event()
+
+    def on_signal() -> None:
+        stop.set()
+        _terminate(children)
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal)
+    try:
+        for index, port in enumerate(_free_ports(workers)):
+            if stop.is_set():  # a signal came while the first workers were starting
                 break
-            env = dict(os.environ)
-            env["INGEST_WORKER"] = str(index)
-            # The workers are the replicas that share a partitioned pipeline's partitions.
-            env["INGEST_REPLICA_INDEX"], env["INGEST_REPLICAS"] = str(index), str(workers)
-            if http_port:
-                env["INGEST_HTTP_PORT"] = str(http_port + index)
-            children.append(
-                subprocess.Popen([sys.executable, "-m", "ingest", "run", *arguments], env=env)
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "ingest", "run", *arguments, env=_env(index, workers, port)
             )
-        if stopping:  # reach a worker started while the signal was being handled
-            stop(signal.SIGTERM)
-        logger.info("workers started", workers=workers, pids=[c.pid for c in children])
-        while any(child.poll() is None for child in children):
-            if not stopping and any(child.poll() is not None for child in children):
-                logger.warning("a worker exited; stopping the others")
-                stop(signal.SIGTERM)
-            time.sleep(0.1)
+            children.append(child)
+            fleet.members.append(Member(index, port, child))
+        logger.info(
+            "workers started",
+            workers=workers,
+            pids=[c.pid for c in children],
+            http=f"{settings.http_host}:{server.port}",
+        )
+        await _watch(children, stop)
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        _terminate(children)  # on the way out of an error too
+        await asyncio.gather(*(child.wait() for child in children))
+        await server.stop()
+        await fleet.close()
     codes = [child.returncode for child in children]
     logger.info("workers stopped", exit_codes=codes)
-    return next((code for code in codes if code != 0), 0)
+    return next((code for code in codes if code), 0)
+
+
+async def _watch(children: Sequence[asyncio.subprocess.Process], stop: asyncio.Event) -> None:
+    """Until the stop or a worker's exit; then every worker is told to stop, and waited
+    for."""
+    async with asyncio.TaskGroup() as group:
+        exits = [
+            group.create_task(child.wait(), name=f"worker {i}") for i, child in enumerate(children)
+        ]
+        stopped = group.create_task(stop.wait(), name="stop")
+        await asyncio.wait([*exits, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():
+            gone = [(i, c.returncode) for i, c in enumerate(children) if c.returncode is not None]
+            logger.warning("a worker exited; stopping the others", exited=gone)
+            stop.set()
+        _terminate(children)
+
+
+def _terminate(children: Sequence[asyncio.subprocess.Process]) -> None:
+    for child in children:
+        if child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):  # exited, not reaped yet
+                child.send_signal(signal.SIGTERM)
+
+
+def _env(index: int, workers: int, port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env[WORKER_ENV] = str(index)
+    # The workers are the replicas that share a partitioned pipeline's partitions.
+    env["INGEST_REPLICA_INDEX"], env["INGEST_REPLICAS"] = str(index), str(workers)
+    # Their supervisor is their only client, on the loopback, whatever the service's
+    # address and allowed hosts are.
+    env["INGEST_HTTP_HOST"], env["INGEST_HTTP_PORT"] = WORKER_HOST, str(port)
+    env["INGEST_HTTP_ALLOWED_HOSTS"] = WORKER_HOST
+    return env
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on the loopback now (held together while chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((WORKER_HOST, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -115,7 +115,19 @@ function table(headers, rows) {
   return t;
 }
 
-function card(name, view) {
+// The running or latest upload to this pipeline (the snapshot's `uploads`, newest first):
+// its rows done, of all, and those that failed, as a figure of the card.
+function uploadFigure(upload) {
+  if (!upload) return null;
+  const done = upload.successful + upload.failed;
+  return el("div", { class: "figure", title: `${upload.filename}: ${upload.state}` },
+    el("b", { "data-figure": "upload" }, `${done} / ${upload.rows}`),
+    "upload rows done, ",
+    el("span", { class: upload.failed ? "bad" : "", "data-figure": "upload-failed" }, upload.failed),
+    ` failed (${upload.state})`);
+}
+
+function card(name, view, upload) {
   const [tone, text] = health(view);
   const last = series => series[series.length - 1] || 0;
   const section = el("section", { class: "pipeline", id: `pipeline-${name}`, "data-pipeline": name });
@@ -140,7 +152,8 @@ function card(name, view) {
       el("b", { "data-figure": "latency" }, view.latency_ms
         ? `${view.latency_ms.p50} / ${view.latency_ms.p90} / ${view.latency_ms.p99} ms` : "-"),
       "publish→ack p50 / p90 / p99"),
-    el("div", { class: "figure" }, el("b", {}, "consumers"), ...consumers)));
+    el("div", { class: "figure" }, el("b", {}, "consumers"), ...consumers),
+    ...[uploadFigure(upload)].filter(Boolean)));
   section.append(el("h3", {}, "Topology"), topology(view));
   section.append(el("h3", {}, "Per second, last 15 minutes"));
   for (const [key, colour] of [["received", "#0969da"], ["successful", "#1a7f37"], ["failed", "#cf222e"]]) {
@@ -241,12 +254,37 @@ $("#upload-form").addEventListener("submit", async event => {
   } catch (error) { out.className = "bad"; out.textContent = String(error); }
 });
 
+// `ingest run --workers N`: the supervisor's snapshot lists its workers, each with its
+// health and its own figures; a single process has none and the section stays hidden.
+function workers(list) {
+  $("#workers").hidden = !list;
+  if (!list) return;
+  const names = [...new Set(list.flatMap(w => Object.keys(w.figures)))];
+  const tones = { ready: "ok", "not ready": "warn", starting: "warn", down: "bad", exited: "bad" };
+  const rows = list.map(w => el("tr", { "data-worker": w.index },
+    el("td", {}, `worker ${w.index}`),
+    el("td", { class: tones[w.health] || "bad", "data-worker-health": w.health,
+      title: w.not_ready || "" }, w.not_ready ? `${w.health}: ${w.not_ready}` : w.health),
+    el("td", {}, w.pid ?? "-"),
+    ...names.map(name => {
+      const f = w.figures[name];
+      return el("td", { "data-worker-figures": name },
+        f ? `${f.received} / ${f.successful} / ${f.failed}` : "-");
+    })));
+  $("#worker-list").replaceChildren(table(
+    ["worker", "health", "pid", ...names.map(n => `${n}: received / successful / failed`)], [])
+  );
+  $("#worker-list table").append(...rows);
+}
+
 function render(snapshot) {
   if (snapshot.uploads) uploads(snapshot.uploads);
   if (snapshot.upload_forms) uploadTargets(snapshot.upload_forms);
+  workers(snapshot.workers);
   const main = $("#pipelines");
   for (const [name, view] of Object.entries(snapshot.pipelines)) {
-    const fresh = card(name, view), old = $(`#pipeline-${name}`);
+    const upload = (snapshot.uploads || []).find(u => u.pipeline === name);
+    const fresh = card(name, view, upload), old = $(`#pipeline-${name}`);
     if (old) {  // keep what an action printed
       fresh.querySelector("output").replaceWith(old.querySelector("output"));
       old.replaceWith(fresh);
