@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ from ingest.service.hosting import build, serve
 from ingest.service.logging import configure_logging
 from ingest.service.progress import ProgressBar
 from ingest.service.settings import Settings
-from ingest.service.workers import supervise
+from ingest.service.workers import supervise, worker_index
 
 logger = structlog.get_logger("ingest.service.cli")
 
@@ -62,7 +61,8 @@ def _add_run(add_parser: AddParser) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="run N processes consuming the same queues (worker i serves HTTP on port+i)",
+        help="run N processes consuming the same queues, behind one HTTP address "
+        "(INGEST_HTTP_HOST:PORT: one page, one /metrics with a worker label)",
     )
     run.add_argument(
         "--file",
@@ -91,7 +91,8 @@ def _add_control(add_parser: AddParser) -> None:
             type=int,
             default=1,
             metavar="N",
-            help="reach the N workers of `ingest run --workers N` (ports PORT..PORT+N-1)",
+            help="ignored (kept for old scripts): the address of `ingest run --workers N` "
+            "passes a pause or resume on to every worker",
         )
 
 
@@ -121,8 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as error:
         return _fail(f"invalid settings: {error}", 2)
     configure_logging(settings.log_format, settings.log_level)
-    if worker := os.environ.get("INGEST_WORKER"):
-        structlog.contextvars.bind_contextvars(worker=int(worker))
+    if (worker := worker_index()) is not None:
+        structlog.contextvars.bind_contextvars(worker=worker)
     try:
         if args.command == "run":
             if args.workers != 1:
@@ -135,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "dlq":
             return asyncio.run(_dlq(settings, args))
         if args.command in ("pause", "resume"):
-            urls = control.service_urls(settings, args.url, args.workers)
+            # One address pauses every worker of `ingest run --workers N`: one URL.
+            urls = control.service_urls(settings, args.url, 1)
             return control.hold(settings, args.pipeline, args.command == "pause", urls)
         return _topology(settings)
     except ConfigurationError as error:
@@ -162,7 +164,7 @@ def _run_workers(settings: Settings, args: argparse.Namespace) -> int:
         raise ConfigurationError("--file is read by one process: drop --workers")
     build(settings, args.pipeline)  # a configuration error shows once, here
     arguments = [f"--pipeline={name}" for name in args.pipeline or []]
-    return supervise(args.workers, arguments, settings.http_port)
+    return supervise(args.workers, arguments, settings)
 
 
 def _run_loop(coroutine: object) -> None:
