@@ -11,7 +11,6 @@ import signal
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Any
 
 import aiormq
 import pytest
@@ -273,35 +272,38 @@ async def test_workers_compete_for_the_queue_and_stop_together(
 
     from .service import metric
 
-    base = _two_free_ports()
+    port = free_port()  # the service's one address; the workers serve on private ports
     environment = env(
-        tmp_path, INGEST_AMQP_URL=broker.amqp_url, INGEST_HTTP_PORT=str(base), **queues
+        tmp_path, INGEST_AMQP_URL=broker.amqp_url, INGEST_HTTP_PORT=str(port), **queues
     )
     process = await spawn(
         "run", "--workers", "2", "--pipeline", "bookings", environment=environment
     )
 
-    def get(port: int, path: str) -> tuple[int, str]:
+    def get(path: str) -> tuple[int, str]:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
                 return response.status, response.read().decode()
         except OSError:
             return 0, ""
 
-    async def both(check: Any) -> bool:
-        results = await asyncio.gather(*(asyncio.to_thread(check, base + i) for i in (0, 1)))
-        return all(results)
+    async def ready() -> bool:  # both workers are (the supervisor's /readyz)
+        return (await asyncio.to_thread(get, "/readyz"))[0] == 200
 
     # Both consume before anything is published, so the broker deals messages to both.
-    await eventually(lambda: both(lambda port: get(port, "/readyz")[0] == 200), timeout=40)
+    await eventually(ready, timeout=40)
     code, _, err = await ingest("publish", "bookings", "--count", "1000", environment=environment)
     assert code == 0, err
 
-    def received(port: int) -> float:
-        text = get(port, "/metrics")[1]
-        return metric(text, "ingest_messages_received_total", pipeline="bookings")
+    async def both_received() -> bool:
+        text = (await asyncio.to_thread(get, "/metrics"))[1]
+        counts = [
+            metric(text, "ingest_messages_received_total", pipeline="bookings", worker=worker)
+            for worker in ("0", "1")
+        ]
+        return all(count > 0 for count in counts)
 
-    await eventually(lambda: both(lambda port: received(port) > 0), timeout=30)
+    await eventually(both_received, timeout=30)
     await eventually(lambda: _true(ticket_count(tmp_path) == 1000), timeout=30)
     process.send_signal(signal.SIGTERM)
     _, err_bytes = await asyncio.wait_for(process.communicate(), 40)
@@ -312,17 +314,3 @@ async def test_workers_compete_for_the_queue_and_stop_together(
 
 async def _true(value: bool) -> bool:
     return value
-
-
-def _two_free_ports() -> int:
-    """A port whose successor is free too (worker i serves HTTP on base + i)."""
-    import socket
-
-    while True:
-        base = free_port()
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", base + 1))
-            except OSError:
-                continue
-        return base
