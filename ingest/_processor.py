@@ -45,8 +45,7 @@ async def process_chunk(rt: Runtime, name: str, chunk: list[Message]) -> None:
     # handle_message's seconds per message, for the metrics (observed per chunk).
     durations: list[float] | None = [] if events else None
     try:
-        # A copy: a hook that filters the list in place cannot make messages vanish.
-        prepared = await rt.handlers.prepare_messages(list(chunk), rt.context)
+        prepared = await _prepare(rt, name, chunk)
         if (
             not isinstance(prepared, list)
             or len(prepared) != len(chunk)
@@ -73,6 +72,20 @@ async def process_chunk(rt: Runtime, name: str, chunk: list[Message]) -> None:
     if done or failed:
         await rt.settle(name, "processor", done, failed)
     span.stop(successful=len(chunk) - len(failed), failed=len(failed), durations=durations or ())
+
+
+async def _prepare(rt: Runtime, name: str, chunk: list[Message]) -> list[Message]:
+    """prepare_messages on a chunk, in its `prepare` span: what it returned."""
+    span = Span(rt.events, "prepare", rt.pipeline, name, "processor", chunk).start()
+    try:
+        # A copy: a hook that filters the list in place cannot make messages vanish.
+        prepared = await rt.handlers.prepare_messages(list(chunk), rt.context)
+    except (Exception, asyncio.CancelledError) as exc:
+        reraise_own_cancellation(exc)
+        span.exception(exc)
+        raise
+    span.stop()
+    return prepared
 
 
 async def _handle_messages(

@@ -11,10 +11,11 @@ from ingest.batch_info import BatchInfo
 from ingest.events import Event, EventBus, EventKind, StageKind
 from ingest.message import Message
 
-SpanName = Literal["processor", "message", "batch"]
+SpanName = Literal["processor", "prepare", "message", "batch"]
 
 _KINDS: Final[dict[SpanName, tuple[EventKind, EventKind, EventKind]]] = {
     "processor": ("processor.start", "processor.stop", "processor.exception"),
+    "prepare": ("prepare.start", "prepare.stop", "prepare.exception"),
     "message": ("message.start", "message.stop", "message.exception"),
     "batch": ("batch.start", "batch.stop", "batch.exception"),
 }
@@ -38,7 +39,8 @@ class Span:
     Unlike `:telemetry.span`, a stage that goes on after the hook raised (a chunk whose
     `prepare_messages` raised, a batch whose `handle_batch` did: their messages fail and
     are settled) emits its exception and then its stop; a message's span ends with one
-    or the other. Not a context manager, because an exception escaping a stage is not
+    or the other, as does a chunk's `prepare_messages` (its `prepare` span, inside the
+    chunk's `processor` span). Not a context manager, because an exception escaping a stage is not
     the hook's (its own cancellation, a crash) and emits nothing, as ever.
 
     Each event is emitted only while the bus has subscribers, decided when it is emitted

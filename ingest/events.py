@@ -23,6 +23,9 @@ EventKind = Literal[
     "processor.start",
     "processor.stop",
     "processor.exception",
+    "prepare.start",
+    "prepare.stop",
+    "prepare.exception",
     "message.start",
     "message.stop",
     "message.exception",
@@ -47,6 +50,9 @@ class Event:
     - `processor.*`: a chunk around `prepare_messages` + `handle_message`; on stop,
       `successful` / `failed` count the chunk's outcome and `durations` holds the seconds
       of each `handle_message` call of the chunk (metrics observe them per chunk).
+    - `prepare.*`: one `prepare_messages` call, inside its chunk's `processor.*` (stop
+      when it returned, exception when it raised: one or the other; a wrong return value
+      is the chunk's `processor.exception`).
     - `message.*`: one `handle_message` call (`start` and `stop` only while a subscriber
       asks for them: `EventBus.per_message`).
     - `batch.*`: one `handle_batch` call, with its `batch_info`.

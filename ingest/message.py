@@ -56,7 +56,10 @@ class Message:
         return message.update_data(parse).put_batcher("express").put_batch_key(user_id)
     """
 
+    # `__weakref__`: instrumentation keeps what it knows of a message (its trace span)
+    # beside it, for as long as the message lives, and no longer.
     __slots__ = (
+        "__weakref__",
         "ack_data",
         "acknowledger",
         "batch_key",

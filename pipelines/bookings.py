@@ -84,21 +84,24 @@ class Ticket:
         self.email = ""
 
 
-# A notification's body, recipient and message id made into what is published: to the
-# notifications queue, or through its partitions' exchange, keyed by the recipient.
-Address = Callable[[bytes, str, str], OutgoingMessage]
+# A notification's body, recipient, message id and booking made into what is published:
+# to the notifications queue, or through its partitions' exchange, keyed by the recipient;
+# published for the booking (`cause`), it goes on in the booking's trace.
+Address = Callable[[bytes, str, str, Message], OutgoingMessage]
 
 
 def to_queue(queue: str) -> Address:
-    def address(body: bytes, recipient: str, message_id: str) -> OutgoingMessage:
-        return OutgoingMessage(body, queue, message_id=message_id, content_type=JSON)
+    def address(body: bytes, recipient: str, message_id: str, cause: Message) -> OutgoingMessage:
+        return OutgoingMessage(body, queue, message_id=message_id, content_type=JSON, cause=cause)
 
     return address
 
 
 def to_partitions(partitions: Partitions) -> Address:
-    def address(body: bytes, recipient: str, message_id: str) -> OutgoingMessage:
-        return partitions.message(body, recipient, message_id=message_id, content_type=JSON)
+    def address(body: bytes, recipient: str, message_id: str, cause: Message) -> OutgoingMessage:
+        return partitions.message(
+            body, recipient, message_id=message_id, content_type=JSON, cause=cause
+        )
 
     return address
 
@@ -170,8 +173,9 @@ class BookingHandlers(Handlers):
                     ).encode(),
                     t.email,
                     f"{t.message_id}/notification",
+                    message,
                 )
-                for t in tickets
+                for t, message in zip(tickets, messages, strict=True)
             ]
         )
         return messages

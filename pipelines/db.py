@@ -28,6 +28,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ingest.exceptions import StartupError
+from ingest.service import tracing
 from pipelines.group_commit import GroupCommit, Statement
 
 metadata = MetaData()
@@ -188,6 +189,7 @@ class Database:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         pool = {"pool_size": connections} if connections and dialect == "postgresql" else {}
         self.engine: AsyncEngine = create_async_engine(url, **self._sql.engine_options, **pool)
+        tracing.instrument_database(self.engine)
         self._group_commit: GroupCommit | None = None
         if dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _configure_sqlite)

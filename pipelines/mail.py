@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
+from ingest.service import tracing
 from ingest.service.settings import Settings
 from pipelines.payloads import Notification
 from pipelines.smtp import SmtpConnection, SmtpDisconnected, envelope_address
@@ -190,6 +191,15 @@ class SmtpMailer:
         self._local_hostname: str | None = None
 
     async def send(self, email: Email) -> None:
+        attributes = {
+            "server.address": self.hostname,
+            "server.port": self.port,
+            "ingest.mail.message_id": email.message_id,
+        }
+        with tracing.client_span("smtp send", attributes):
+            await self._send(email)
+
+    async def _send(self, email: Email) -> None:
         connection = self._idle.pop() if self._idle else None
         try:
             if connection is None or not connection.is_open:
@@ -237,7 +247,12 @@ class OutboxMailer:
         self.directory = directory
 
     async def send(self, email: Email) -> None:
-        await asyncio.to_thread(self._write, email)
+        attributes = {
+            "ingest.mail.outbox": str(self.directory),
+            "ingest.mail.message_id": email.message_id,
+        }
+        with tracing.client_span("outbox write", attributes):
+            await asyncio.to_thread(self._write, email)
 
     async def close(self) -> None:
         """Nothing held open."""

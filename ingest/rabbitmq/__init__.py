@@ -13,6 +13,7 @@ from ingest.rabbitmq.acknowledger import (
     retry_queue_name,
 )
 from ingest.rabbitmq.connection import CONNECTION_ERRORS, client_name, open_connection, redact
+from ingest.rabbitmq.instrumentation import PublishSpan, PublishTracer
 from ingest.rabbitmq.options import (
     Backoff,
     Binding,
@@ -42,6 +43,8 @@ __all__ = [
     "Partitions",
     "ProducerStats",
     "PublishError",
+    "PublishSpan",
+    "PublishTracer",
     "Publisher",
     "QueueDeclare",
     "RabbitAckAction",

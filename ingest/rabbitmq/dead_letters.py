@@ -43,6 +43,7 @@ from ingest.rabbitmq.acknowledger import (
     REASON_HEADER,
 )
 from ingest.rabbitmq.connection import open_connection
+from ingest.rabbitmq.instrumentation import PublishSpan, PublishTracer
 from ingest.text import bounded
 
 # What a replayed copy leaves behind: the failure it had; its attempts start again.
@@ -100,9 +101,12 @@ class DeadLetters:
         queue: str | Sequence[str],
         dead_letter_queue: str | None = None,
         name: str = "ingest-dlq",
+        tracer: PublishTracer | None = None,
     ) -> None:
         queues = [queue] if isinstance(queue, str) else list(queue)
         self.url = url
+        # Sees each replayed copy go out (a PRODUCER span; its trace context in the headers).
+        self.tracer = tracer
         self.queue = ", ".join(queues)
         # (work queue, its dead-letter queue)
         self.pairs = [(q, dead_letter_queue or f"{q}.dlq") for q in queues]
@@ -205,12 +209,33 @@ class DeadLetters:
         if not window:
             return 0
         publish = copy_publisher(publishing)
-        await asyncio.gather(*(publish(m.body, queue, _replay_properties(m), None) for m in window))
+        spans = [self._span(queue, message) for message in window]
+        try:
+            await asyncio.gather(
+                *(
+                    publish(m.body, queue, _replay_properties(m, span), None)
+                    for m, span in zip(window, spans, strict=True)
+                )
+            )
+        except BaseException as exc:
+            for span in spans:
+                if span is not None:
+                    span.end(exc)
+            raise
+        for span in spans:
+            if span is not None:
+                span.end(None)
         for message in window:
             await taking.basic_ack(message.delivery_tag)  # type: ignore[arg-type]
         if progress is not None:
             progress(len(window))
         return len(window)
+
+    def _span(self, queue: str, message: DeliveredMessage) -> PublishSpan | None:
+        if self.tracer is None:
+            return None
+        properties = message.header.properties
+        return self.tracer.start("", queue, properties.message_id, properties.headers, None)
 
     @asynccontextmanager
     async def _channel(self, confirms: bool = False) -> AsyncIterator[aiormq.abc.AbstractChannel]:
@@ -251,11 +276,15 @@ def _age(letter: DeadLetter) -> tuple[datetime, str]:
 _LONG_AGO = datetime.min.replace(tzinfo=UTC)
 
 
-def _replay_properties(message: DeliveredMessage) -> spec.Basic.Properties:
+def _replay_properties(
+    message: DeliveredMessage, span: PublishSpan | None
+) -> spec.Basic.Properties:
     original = message.header.properties
     headers = {
         key: value for key, value in (original.headers or {}).items() if key not in FAILURE_HEADERS
     }
+    if span is not None:
+        headers.update(span.headers)
     properties, _ = copy_properties(original, headers)
     return properties
 

@@ -16,9 +16,11 @@ import structlog
 from pamqp import commands as spec
 
 from ingest.exceptions import PublishError
+from ingest.message import Message
 from ingest.rabbitmq._aiormq.publishing import PublishBatch, batch_publisher
 from ingest.rabbitmq._backoff import reconnect_delay
 from ingest.rabbitmq.connection import CONNECTION_ERRORS, open_connection, redact
+from ingest.rabbitmq.instrumentation import PublishSpan, PublishTracer
 from ingest.rabbitmq.options import AfterConnect, Backoff, QueueDeclare
 from ingest.waiting import CLOSE_TIMEOUT_S
 
@@ -34,7 +36,9 @@ STAMP_INTERVAL_S = 0.01
 
 @dataclass(frozen=True, slots=True)
 class OutgoingMessage:
-    """One message to publish; `message_id` defaults to a fresh UUID."""
+    """One message to publish; `message_id` defaults to a fresh UUID. `cause` is the
+    message it is published for (a booking's notification: the booking), if any: a
+    tracer continues that message's trace; it is not sent."""
 
     body: bytes
     routing_key: str
@@ -43,6 +47,7 @@ class OutgoingMessage:
     headers: Mapping[str, Any] | None = None
     content_type: str | None = None
     correlation_id: str | None = None
+    cause: Message | None = field(default=None, repr=False, compare=False)
 
     def properties(self) -> spec.Basic.Properties:
         """Its AMQP properties: persistent, with its id and whatever else it sets."""
@@ -65,7 +70,8 @@ class Publisher:
     each connect, so publishing never depends on their consumer having started first, and
     `after_connect(channel)` runs after them (to declare an exchange, say). Unless
     `stamp_publish_time=False`, a sample of the messages (the first of a publish, at most
-    every 10 ms) carries PUBLISHED_AT_HEADER, for publish-to-ack latency::
+    every 10 ms) carries PUBLISHED_AT_HEADER, for publish-to-ack latency. A `tracer`
+    sees each message go out and adds its trace context to the headers::
 
         async with Publisher("amqp://guest:guest@localhost/%2F") as publisher:
             await publisher.publish(OutgoingMessage(b"email,foo@email.com", "notifications_queue"))
@@ -82,8 +88,10 @@ class Publisher:
         declare_queues: Sequence[str] | Mapping[str, QueueDeclare] = (),
         stamp_publish_time: bool = True,
         after_connect: AfterConnect | None = None,
+        tracer: PublishTracer | None = None,
     ) -> None:
         self.url = url
+        self.tracer = tracer
         self.stamp_publish_time = stamp_publish_time
         self.after_connect = after_connect
         # A queue named alone is declared durable; with its QueueDeclare, as that says
@@ -122,7 +130,38 @@ class Publisher:
         or lost with the connection). The others may have been published: publish with
         message_ids you can deduplicate on."""
         publish = await self._ensure_publishing()
-        await publish(self._stamp(messages), self.publish_timeout)
+        if self.tracer is None:
+            await publish(self._stamp(messages), self.publish_timeout)
+            return
+        spans, traced = self._traced(self.tracer, messages)
+        try:
+            await publish(self._stamp(traced), self.publish_timeout)
+        except BaseException as exc:
+            for span in spans:
+                span.end(exc)
+            raise
+        for span in spans:
+            span.end(None)
+
+    @staticmethod
+    def _traced(
+        tracer: PublishTracer, messages: Sequence[OutgoingMessage]
+    ) -> tuple[list[PublishSpan], list[OutgoingMessage]]:
+        """A span per message, and the messages with their spans' headers."""
+        spans: list[PublishSpan] = []
+        traced: list[OutgoingMessage] = []
+        for message in messages:
+            span = tracer.start(
+                message.exchange,
+                message.routing_key,
+                message.message_id,
+                message.headers,
+                message.cause,
+            )
+            spans.append(span)
+            headers = {**(message.headers or {}), **span.headers}
+            traced.append(dataclasses.replace(message, headers=headers))
+        return spans, traced
 
     def _stamp(self, messages: Sequence[OutgoingMessage]) -> Sequence[OutgoingMessage]:
         """`messages`, the first with PUBLISHED_AT_HEADER when none was stamped for a while."""

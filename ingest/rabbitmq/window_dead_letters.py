@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -61,10 +62,10 @@ class PublishedDeadLetters:
         return OutgoingMessage(
             body,
             self.dead_letter_queue,
-            **(
-                {"message_id": _short_string(message_id)}
+            message_id=(
+                _short_string(message_id)
                 if isinstance(message_id, str) and message_id
-                else {}
+                else uuid.uuid4().hex
             ),
             headers=headers,
             content_type=None if isinstance(data, bytes | str) else "application/json",

@@ -18,7 +18,7 @@ from pydantic_settings import SettingsError
 from ingest.exceptions import ConfigurationError, PipelineFailed, PublishError, StartupError
 from ingest.rabbitmq.connection import redact
 from ingest.rabbitmq.publisher import OutgoingMessage, Publisher
-from ingest.service import control, dlq
+from ingest.service import control, dlq, tracing
 from ingest.service.hosting import build, serve
 from ingest.service.logging import configure_logging
 from ingest.service.progress import ProgressBar
@@ -125,9 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (worker := worker_index()) is not None:
         structlog.contextvars.bind_contextvars(worker=worker)
     try:
+        if args.command == "run" and args.workers != 1:
+            return _run_workers(settings, args)
+        # What publishes or consumes traces, as the OTEL_* variables say.
+        if args.command in ("run", "publish", "dlq"):
+            tracing.start()
         if args.command == "run":
-            if args.workers != 1:
-                return _run_workers(settings, args)
             return _run(settings, args.pipeline, args.file)
         # The other commands consume nothing: which replica this is does not matter.
         settings = settings.model_copy(update={"replica_index": None, "replicas": None})
@@ -144,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(error), 2)
     except (StartupError, PipelineFailed) as error:
         return _fail(str(error), 1)
+    finally:
+        tracing.uninstall()  # the spans still held are exported
 
 
 def _run(settings: Settings, names: list[str] | None, file: Path | None) -> int:
@@ -202,6 +207,7 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
             declare_queues={} if route else {queue: config.queue_declare(queue)},
             after_connect=route.after_connect if route else None,
             connect_timeout=10,
+            tracer=tracing.publish_tracer(),
         ) as publisher:
             window = 500
             for start in range(0, len(bodies), window):

@@ -19,6 +19,7 @@ from ingest.rabbitmq.connection import client_name
 from ingest.rabbitmq.options import RabbitMQOptions, RetryPolicy
 from ingest.rabbitmq.producer import RabbitMQProducer
 from ingest.rabbitmq.publisher import Publisher
+from ingest.service import tracing
 from ingest.service.hosted import Hooks, HostedPipeline
 from ingest.service.settings import PipelineSettings, Settings
 from ingest.typing import PartitionBy
@@ -179,6 +180,7 @@ class Wiring(Generic[S]):
     def publisher(self, role: str, **options: Any) -> Publisher:
         """A publisher of this pipeline's, its connection named after it and `role`."""
         name = client_name(f"ingest-{self.declaration.name}-{role}")
+        options.setdefault("tracer", tracing.publish_tracer())
         return Publisher(self.url, connection_name=name, **options)
 
     def host(self, pipeline: Pipeline, **hooks: Unpack[Hooks]) -> HostedPipeline:

@@ -8,6 +8,7 @@ from typing import Any
 
 from ingest.exceptions import ConfigurationError
 from ingest.rabbitmq.dead_letters import DeadLetter, DeadLetters
+from ingest.service import tracing
 from ingest.service.progress import ProgressBar
 from ingest.service.settings import Settings
 from ingest.text import escaped
@@ -19,7 +20,12 @@ def dead_letters(settings: Settings, name: str, queues: Sequence[str]) -> DeadLe
     """The dead letters of `queues` (a pipeline's queue, or its partitions)."""
     if not queues:
         raise ConfigurationError(f"pipeline {name} has no queue, so no dead letters")
-    return DeadLetters(settings.amqp_url.get_secret_value(), queues, name="ingest-dlq")
+    return DeadLetters(
+        settings.amqp_url.get_secret_value(),
+        queues,
+        name="ingest-dlq",
+        tracer=tracing.publish_tracer(),
+    )
 
 
 def row(letter: DeadLetter) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import structlog
 
 from ingest.exceptions import ConfigurationError, PipelineFailed, StartupError
 from ingest.pipeline import Pipeline
-from ingest.service import dlq
+from ingest.service import dlq, tracing
 from ingest.service.activity import Activity, snapshot
 from ingest.service.hosted import DeclaresSettings, HostedPipeline, PipelineFactory
 from ingest.service.logging import FAILURE_EVENTS, log_failures
@@ -85,9 +85,12 @@ async def serve(
     stops the others (drained) and raises PipelineFailed."""
     await _start_up(hosted)
     metrics = Metrics()
+    traced = tracing.active()
     for item in hosted.values():
         metrics.watch(item.pipeline, item.ready, item.stats)
         item.pipeline.events.subscribe(log_failures, kinds=FAILURE_EVENTS)
+        if traced is not None:
+            traced.watch(item.pipeline, item.queue)
     depths = QueueDepths(
         settings.amqp_url.get_secret_value(),
         {name: item.queues for name, item in hosted.items() if item.queues},

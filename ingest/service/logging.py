@@ -14,6 +14,7 @@ import structlog
 from structlog.typing import EventDict, WrappedLogger
 
 from ingest.events import Event, EventKind
+from ingest.service import tracing
 from ingest.text import bounded, escaped
 
 
@@ -24,6 +25,7 @@ def configure_logging(
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        trace_ids,
         safe_text,  # before the tracebacks are rendered: their lines are the code's
     ]
     renderer: structlog.typing.Processor = (
@@ -57,6 +59,15 @@ def configure_logging(
     # aiormq logs every forced close as an error with a traceback; the connector logs the
     # loss once, plainly, so aiormq speaks only when debugging.
     logging.getLogger("aiormq").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
+
+
+def trace_ids(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """A processor adding `trace_id` and `span_id` while a span is current (tracing on:
+    a line logged in a hook, say, names the message's trace)."""
+    traced = tracing.active()
+    if traced is not None:
+        traced.add_ids(event_dict)
+    return event_dict
 
 
 def safe_text(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:

@@ -150,12 +150,43 @@ async def test_a_chunk_whose_prepare_messages_raised_reports_the_exception_then_
     make_pipeline: MakePipeline,
 ) -> None:
     start, exception, stop = await span_around(
-        make_pipeline, "database down", "processor", every_kind=True
+        make_pipeline, "database down", "processor", every_kind=False
     )
     assert {event.stage for event in (start, exception, stop)} == {"processor_0"}
     assert (stop.successful, stop.failed, stop.durations) == (0, 1, ())
     assert stop.duration is not None
     assert stop.duration >= 0
+
+
+async def test_prepare_messages_has_its_own_span_inside_the_chunks(
+    make_pipeline: MakePipeline,
+) -> None:
+    pipeline = await make_pipeline(RaisingHooks(), batchers={"b": Batcher(batch_size=1)})
+    events: list[Event] = []
+    pipeline.events.subscribe(events.append)
+    await send_batch(pipeline, ["database down"])
+    await send_batch(pipeline, ["fine"])
+    kinds = [event.kind for event in events if event.stage_kind == "processor"]
+    assert kinds == [
+        # the hook raised: its span ends with the exception, then the chunk's
+        "processor.start",
+        "prepare.start",
+        "prepare.exception",
+        "processor.exception",
+        "ack",
+        "processor.stop",
+        # it returned: its span stops before the chunk's messages are handled
+        "processor.start",
+        "prepare.start",
+        "prepare.stop",
+        "message.start",
+        "message.stop",
+        "processor.stop",
+    ]
+    prepare_stop = next(event for event in events if event.kind == "prepare.stop")
+    assert [message.data for message in prepare_stop.messages] == ["fine"]
+    assert prepare_stop.stage == "processor_0"
+    assert prepare_stop.duration is not None
 
 
 async def test_a_batch_whose_handle_batch_raised_reports_the_exception_then_stops(
