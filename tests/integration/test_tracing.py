@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import aiormq
 import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -17,11 +18,13 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
+from ingest.rabbitmq import REASON_HEADER
+from ingest.rabbitmq.dead_letters import DeadLetters
 from ingest.service import tracing
 from ingest.service.tracing.provider import Tracing
 from tests.support import Broker, eventually, free_port
 
-from .service import Inbox, RunningService, running_service, smtp_server
+from .service import Inbox, RunningService, run_cli, running_service, smtp_server
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PUBLISHER_SPAN = "b7ad6b7169203331"
@@ -113,7 +116,7 @@ async def test_one_trace_runs_from_a_booking_to_the_digest_that_mailed_it(
     service: tuple[RunningService, Inbox],
     exporter: InMemorySpanExporter,
 ) -> None:
-    running, inbox = service
+    _, inbox = service
     bookings, notifications = f"{queue_name}-bookings", f"{queue_name}-notifications"
     publish_traced(broker, bookings, "cinema,1", "booking-1")
 
@@ -279,6 +282,64 @@ async def test_ingest_run_exports_its_traces_over_otlp_http(
     assert booking.parent_span_id.hex() == PUBLISHER_SPAN
     assert booking.kind == booking.SPAN_KIND_CONSUMER
     assert attributes["messaging.message.id"] == "booking-otlp"
-    others = sorted({span.name for _, span, _ in receiver.spans() if span.trace_id.hex() != TRACE_ID})
+    others = sorted(
+        {span.name for _, span, _ in receiver.spans() if span.trace_id.hex() != TRACE_ID}
+    )
     assert others == [], f"every span of the booking's story is in its trace: {others}"
     assert process.returncode == 0, stderr.decode()[-2000:]
+
+
+async def test_a_replayed_dead_letter_goes_on_in_its_trace_under_a_producer_span(
+    broker: Broker,
+    queue_name: str,
+    amqp: aiormq.abc.AbstractChannel,
+    exporter: InMemorySpanExporter,
+) -> None:
+    queue, dlq = f"{queue_name}-work", f"{queue_name}-work.dlq"
+    await amqp.queue_declare(queue, durable=True)
+    await amqp.queue_declare(dlq, durable=True)
+    carried = f"00-{TRACE_ID}-{PUBLISHER_SPAN}-01"
+    await amqp.basic_publish(
+        b"payload",
+        routing_key=dlq,
+        properties=aiormq.spec.Basic.Properties(
+            message_id="m-1", headers={REASON_HEADER: "database down", "traceparent": carried}
+        ),
+    )
+    async with DeadLetters(broker.amqp_url, queue, tracer=tracing.publish_tracer()) as dead:
+        assert (await dead.replay()).replayed == 1
+
+    [replay] = [s for s in exporter.get_finished_spans() if s.name == f"publish {queue}"]
+    assert replay.kind is SpanKind.PRODUCER
+    assert replay.parent is not None
+    assert format(replay.parent.span_id, "016x") == PUBLISHER_SPAN
+    assert (replay.attributes or {})["messaging.message.id"] == "m-1"
+    copy = await amqp.basic_get(queue, no_ack=True)
+    headers = copy.header.properties.headers or {}
+    span_id = format(replay.context.span_id, "016x")
+    assert headers["traceparent"] == f"00-{TRACE_ID}-{span_id}-01"
+
+
+async def test_ingest_publish_makes_a_producer_span_per_message_and_sends_its_context(
+    broker: Broker, queue_name: str, amqp: aiormq.abc.AbstractChannel
+) -> None:
+    queue = f"{queue_name}-bookings"
+    code, out = await run_cli(
+        "publish",
+        "bookings",
+        "--payload",
+        "cinema,1",
+        INGEST_AMQP_URL=broker.amqp_url,
+        INGEST_PIPELINES__BOOKINGS__QUEUE=queue,
+        OTEL_TRACES_EXPORTER="console",
+        OTEL_BSP_SCHEDULE_DELAY="50",
+    )
+    assert code == 0, out
+    published = await amqp.basic_get(queue, no_ack=True)
+    traceparent = str((published.header.properties.headers or {})["traceparent"])
+    trace_id, span_id = traceparent.split("-")[1:3]
+    # The console exporter prints each span as JSON; the PRODUCER span is the one sent.
+    assert f'"name": "publish {queue}"' in out
+    assert f'"trace_id": "0x{trace_id}"' in out
+    assert f'"span_id": "0x{span_id}"' in out
+    assert '"kind": "SpanKind.PRODUCER"' in out
