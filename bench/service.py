@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.server
 import importlib
 import json
 import multiprocessing
@@ -64,13 +65,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import aiormq
 from _common import (
@@ -217,10 +219,15 @@ async def hosted(
 ) -> None:
     """Run the pipeline as `ingest run` builds it until `progress` is done (or `stop()`),
     then call `stopped` before anything is torn down."""
+    from ingest.service import tracing
     from ingest.service.hosting import build
     from ingest.service.logging import FAILURE_EVENTS, log_failures
     from ingest.service.metrics import Metrics
     from ingest.service.settings import Settings
+
+    # As `ingest run`: traced when the OTEL_* variables say (`--traced`), before the
+    # publishers are built.
+    traced = tracing.start()
 
     settings = Settings(
         amqp_url=drain.url,
@@ -244,6 +251,8 @@ async def hosted(
         # As `serve()` does: the service's metrics and failure log watch the pipeline.
         Metrics().watch(item.pipeline, item.ready, item.stats)
         item.pipeline.events.subscribe(log_failures, kinds=FAILURE_EVENTS)
+        if traced is not None:
+            traced.watch(item.pipeline, item.queue)
         item.pipeline.events.subscribe(
             progress.on_event, kinds={"processor.start", "processor.stop", "ack"}
         )
@@ -256,6 +265,7 @@ async def hosted(
             await stopped()
     finally:
         await item.shutdown()
+        tracing.uninstall()
 
 
 async def bookings(drain: Drain, probe: Probe) -> dict[str, Any]:
@@ -843,6 +853,12 @@ def arguments() -> argparse.Namespace:
     )
     parser.add_argument("--postgres", default=os.environ.get("POSTGRES_URL", POSTGRES_URL))
     parser.add_argument("--scenario", choices=SCENARIOS, action="append")
+    parser.add_argument(
+        "--traced",
+        action="store_true",
+        help="drain with tracing on: OTLP/HTTP to a sink this script runs, which counts "
+        "what it receives (every span is made and exported; nothing is stored)",
+    )
     parser.add_argument("--drain", nargs=2, metavar=("SCENARIO", "JSON"), help=argparse.SUPPRESS)
     parser.add_argument("--broker-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--smtp-server", metavar="RECORD", help=argparse.SUPPRESS)
@@ -869,6 +885,34 @@ def run_all(run: Run, scenarios: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+class OtlpSink(http.server.BaseHTTPRequestHandler):
+    """Takes OTLP/HTTP exports and counts them (`received`: requests, bytes)."""
+
+    received: ClassVar[list[int]] = [0, 0]
+
+    def do_POST(self) -> None:
+        size = int(self.headers.get("Content-Length", 0))
+        self.rfile.read(size)
+        OtlpSink.received[0] += 1
+        OtlpSink.received[1] += size
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet."""
+
+
+def otlp_sink() -> http.server.ThreadingHTTPServer:
+    """An OTLP/HTTP sink in a thread of this process; the drains export to it."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{server.server_port}"
+    os.environ["OTEL_SERVICE_NAME"] = "ingest-bench"
+    return server
+
+
 def main() -> None:
     args = arguments()
     if args.smtp_server:
@@ -891,6 +935,7 @@ def main() -> None:
         args.mail_timeout,
     )
     run.broker_pid = find_broker_pid()
+    sink = otlp_sink() if args.traced else None
     scenarios = args.scenario or list(SCENARIOS)
     if any("postgresql" in name or name.startswith("notifications") for name in scenarios):
         run.postgres_error = postgres_unreachable(args.postgres)
@@ -899,6 +944,10 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     print()
     print(table(rows))
+    if sink is not None:
+        requests, size = OtlpSink.received
+        print(f"\nTraced: the OTLP sink received {requests} export(s), {size / 1e6:.1f} MB.")
+        sink.shutdown()
     if run.broker_pid is None:
         print("\nNo RabbitMQ (beam.smp) process on this machine: no broker CPU figures.")
     sys.exit(1 if any("error" in row for row in rows) else 0)
