@@ -10,11 +10,15 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 
 from ingest.exceptions import StartupError
 from ingest.service.settings import Settings
+
+if TYPE_CHECKING:
+    from ingest.service.fleet_http import Fleet, FleetServer
 
 logger = structlog.get_logger("ingest.service.workers")
 
@@ -41,10 +45,54 @@ def supervise(workers: int, arguments: Sequence[str], settings: Settings) -> int
 
 async def _supervise(workers: int, arguments: Sequence[str], settings: Settings) -> int:
     # Imported here: the workers import this module (worker_index) and need no client.
-    from ingest.service.fleet_http import Fleet, FleetServer, Member
-    from ingest.service.protection import Protections
+    from ingest.service.fleet_http import Fleet, Member
 
     fleet = Fleet()
+    server = await _serve(settings, fleet)
+    await fleet.start()
+    children = _Children()
+    stop = asyncio.Event()
+
+    def on_signal() -> None:
+        stop.set()
+        children.terminate()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal)
+    try:
+        for index, port in enumerate(_free_ports(workers)):
+            if stop.is_set():  # a signal came while the first workers were starting
+                break
+            # In a process group of its own: a Ctrl-C on the terminal reaches the supervisor
+            # alone, which tells each worker once (`_Children.terminate`).
+            child = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "ingest", "run", *arguments),
+                env=_env(index, workers, port),
+                process_group=0,
+            )
+            children.append(child)
+            fleet.members.append(Member(index, port, child))
+        logger.info("workers started", workers=workers, pids=[c.pid for c in children])
+        await _watch(children, stop)
+    finally:
+        children.terminate()  # on the way out of an error too
+        await asyncio.gather(*(child.wait() for child in children))
+        # Until every worker is gone, a signal is the supervisor's, never Python's default.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await server.stop()
+        await fleet.close()
+    codes = [child.returncode for child in children]
+    logger.info("workers stopped", exit_codes=codes)
+    return next((code for code in codes if code), 0)
+
+
+async def _serve(settings: Settings, fleet: Fleet) -> FleetServer:
+    """The service's address, served: StartupError when it cannot be."""
+    from ingest.service.fleet_http import FleetServer
+    from ingest.service.protection import Protections
+
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
     server = FleetServer(
         settings.http_host, settings.http_port, fleet, token, protections=Protections.of(settings)
@@ -56,46 +104,10 @@ async def _supervise(workers: int, arguments: Sequence[str], settings: Settings)
         raise StartupError(
             f"cannot serve HTTP on {settings.http_host}:{settings.http_port}: {exc.strerror or exc}"
         ) from exc
-    await fleet.start()
-    children: list[asyncio.subprocess.Process] = []
-    stop = asyncio.Event()
-
-    def on_signal() -> None:
-        stop.set()
-        _terminate(children)
-
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal)
-    try:
-        for index, port in enumerate(_free_ports(workers)):
-            if stop.is_set():  # a signal came while the first workers were starting
-                break
-            child = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "ingest", "run", *arguments, env=_env(index, workers, port)
-            )
-            children.append(child)
-            fleet.members.append(Member(index, port, child))
-        logger.info(
-            "workers started",
-            workers=workers,
-            pids=[c.pid for c in children],
-            http=f"{settings.http_host}:{server.port}",
-        )
-        await _watch(children, stop)
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
-        _terminate(children)  # on the way out of an error too
-        await asyncio.gather(*(child.wait() for child in children))
-        await server.stop()
-        await fleet.close()
-    codes = [child.returncode for child in children]
-    logger.info("workers stopped", exit_codes=codes)
-    return next((code for code in codes if code), 0)
+    return server
 
 
-async def _watch(children: Sequence[asyncio.subprocess.Process], stop: asyncio.Event) -> None:
+async def _watch(children: _Children, stop: asyncio.Event) -> None:
     """Until the stop or a worker's exit; then every worker is told to stop, and waited
     for."""
     async with asyncio.TaskGroup() as group:
@@ -108,14 +120,25 @@ async def _watch(children: Sequence[asyncio.subprocess.Process], stop: asyncio.E
             gone = [(i, c.returncode) for i, c in enumerate(children) if c.returncode is not None]
             logger.warning("a worker exited; stopping the others", exited=gone)
             stop.set()
-        _terminate(children)
+        children.terminate()
 
 
-def _terminate(children: Sequence[asyncio.subprocess.Process]) -> None:
-    for child in children:
-        if child.returncode is None:
-            with contextlib.suppress(ProcessLookupError):  # exited, not reaped yet
-                child.send_signal(signal.SIGTERM)
+class _Children(list[asyncio.subprocess.Process]):
+    """The worker processes, each told to stop (`terminate`) at most once: a worker puts
+    back the default SIGTERM handler while it drains, so a second SIGTERM would kill it
+    mid-drain (exit code -15)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._terminated: set[int] = set()
+
+    def terminate(self) -> None:
+        """SIGTERM to each worker still running and not told yet."""
+        for child in self:
+            if child.returncode is None and child.pid not in self._terminated:
+                self._terminated.add(child.pid)
+                with contextlib.suppress(ProcessLookupError):  # exited, not reaped yet
+                    child.send_signal(signal.SIGTERM)
 
 
 def _env(index: int, workers: int, port: int) -> dict[str, str]:
