@@ -249,7 +249,7 @@ async def hosted(
     await item.startup()
     try:
         # As `serve()` does: the service's metrics and failure log watch the pipeline.
-        Metrics().watch(item.pipeline, item.ready, item.stats)
+        Metrics().watch(item.pipeline, item.ready, item.stats, item.prefetch)
         item.pipeline.events.subscribe(log_failures, kinds=FAILURE_EVENTS)
         if traced is not None:
             traced.watch(item.pipeline, item.queue)

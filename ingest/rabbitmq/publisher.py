@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,17 @@ logger = structlog.get_logger("ingest.rabbitmq")
 # with headers skips the consumer's fast frame decoder).
 PUBLISHED_AT_HEADER = "x-published-at"
 STAMP_INTERVAL_S = 0.01
+
+
+def published_times(messages: Iterable[Message]) -> Iterator[float]:
+    """The publish times (seconds since the epoch) that the stamped ones of `messages`
+    carry in PUBLISHED_AT_HEADER (publish-to-ack latency)."""
+    for message in messages:
+        headers = message.metadata.get("headers")
+        if headers:
+            published = headers.get(PUBLISHED_AT_HEADER)
+            if isinstance(published, int) and not isinstance(published, bool):
+                yield published / 1000
 
 
 @dataclass(frozen=True, slots=True)

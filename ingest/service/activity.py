@@ -25,7 +25,7 @@ from typing import Any
 from ingest.events import Event, EventKind
 from ingest.pipeline import Pipeline
 from ingest.producer import ConsumingProducer
-from ingest.rabbitmq.publisher import PUBLISHED_AT_HEADER
+from ingest.rabbitmq.publisher import published_times
 from ingest.text import bounded
 
 HISTORY_S = 15 * 60
@@ -156,12 +156,8 @@ class Activity:
 
     def _keep_latencies(self, event: Event) -> None:
         now = self.clock()
-        for message in event.messages:
-            headers = message.metadata.get("headers")
-            if headers:
-                published = headers.get(PUBLISHED_AT_HEADER)
-                if isinstance(published, int) and not isinstance(published, bool):
-                    self._latencies.append((now, now * 1000 - published))
+        for published in published_times(event.messages):
+            self._latencies.append((now, (now - published) * 1000))
 
     def _keep_failures(self, event: Event) -> None:
         when = self.clock()

@@ -87,7 +87,7 @@ async def serve(
     metrics = Metrics()
     traced = tracing.active()
     for item in hosted.values():
-        metrics.watch(item.pipeline, item.ready, item.stats)
+        metrics.watch(item.pipeline, item.ready, item.stats, item.prefetch)
         item.pipeline.events.subscribe(log_failures, kinds=FAILURE_EVENTS)
         if traced is not None:
             traced.watch(item.pipeline, item.queue)

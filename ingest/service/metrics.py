@@ -3,6 +3,7 @@ from the pipelines when scraped."""
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from ingest.events import Event, EventKind
 from ingest.pipeline import CircuitState, Pipeline, State
 from ingest.producer import Counters
 from ingest.rabbitmq import frame_events
+from ingest.rabbitmq.publisher import published_times
 from ingest.rabbitmq.stats import ProducerStats
 
 # The *_created samples only clutter the text format here.
@@ -49,6 +51,8 @@ _OBSERVED: frozenset[EventKind] = frozenset(
 )
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _SIZES = (1, 2, 5, 10, 20, 50, 75, 100, 200, 500, 1000)
+# Publish to ack spans a batch's timeout, a durable window, a backlog: up to minutes.
+_LATENCIES = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 @dataclass
@@ -58,6 +62,7 @@ class Watched:
     pipeline: Pipeline
     ready: Callable[[], bool]
     stats: Counters | None
+    prefetch: int | None = None
 
 
 class Metrics:
@@ -116,6 +121,14 @@ class Metrics:
             ["pipeline", "operation"],
             registry=r,
         )
+        self.publish_to_ack = Histogram(
+            "ingest_publish_to_ack_seconds",
+            "Seconds from publish to acknowledgement, of the messages a Publisher stamped "
+            "with its publish time (a sample: at most one every 10 ms per publisher)",
+            ["pipeline"],
+            buckets=_LATENCIES,
+            registry=r,
+        )
         self._watched: dict[str, Watched] = {}
         r.register(_PipelineCollector(self._watched))
         r.register(_SupervisionCollector(self._watched))
@@ -127,9 +140,11 @@ class Metrics:
         pipeline: Pipeline,
         ready: Callable[[], bool],
         stats: Counters | None = None,
+        prefetch: int | None = None,
     ) -> None:
-        """Subscribe to `pipeline`'s events and report its gauges and producer stats."""
-        self._watched[pipeline.name] = Watched(pipeline, ready, stats)
+        """Subscribe to `pipeline`'s events and report its gauges and producer stats
+        (`prefetch`: the unacknowledged messages its consumers may hold)."""
+        self._watched[pipeline.name] = Watched(pipeline, ready, stats, prefetch)
         # Not the per-message events: handle_message's durations come per chunk.
         pipeline.events.subscribe(self._on_event, kinds=_OBSERVED)
 
@@ -140,6 +155,9 @@ class Metrics:
         elif kind == "processor.start":
             self.received.labels(name).inc(len(event.messages))
         elif kind == "ack":
+            now = time.time()
+            for published in published_times(event.messages):
+                self.publish_to_ack.labels(name).observe(max(0.0, now - published))
             if event.successful:
                 self.processed.labels(name, "successful").inc(event.successful)
             if event.failed:
@@ -171,6 +189,12 @@ class _PipelineCollector(Collector):
         connected = GaugeMetricFamily(
             "ingest_broker_connected", "1 while connected and consuming", labels=["pipeline"]
         )
+        prefetch = GaugeMetricFamily(
+            "ingest_prefetch_messages",
+            "Unacknowledged messages the pipeline's consumers may hold (the prefetch count, "
+            "summed over its consumers): in flight can reach it, never pass it",
+            labels=["pipeline"],
+        )
         acks = CounterMetricFamily(
             "ingest_acks",
             "Acknowledgements sent to the broker, by action",
@@ -184,6 +208,8 @@ class _PipelineCollector(Collector):
         for name, watched in self._watched.items():
             in_flight.add_metric([name], watched.pipeline.in_flight)
             connected.add_metric([name], 1.0 if watched.ready() else 0.0)
+            if watched.prefetch is not None:
+                prefetch.add_metric([name], watched.prefetch)
             # A producer without stats (a file) still shows its (zero) acknowledgements.
             stats: Counters = watched.stats or ProducerStats()
             for action, value in stats.acknowledgements().items():
@@ -191,7 +217,7 @@ class _PipelineCollector(Collector):
             if watched.stats is not None:
                 for event, value in stats.events().items():
                     producer.add_metric([name, event], value)
-        yield from (in_flight, connected, acks, producer)
+        yield from (in_flight, connected, prefetch, acks, producer)
 
 
 class _SupervisionCollector(Collector):

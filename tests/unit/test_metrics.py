@@ -3,12 +3,14 @@ pipeline, and the RabbitMQ fast path's frame counters."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from ingest import Handlers, InMemoryProducer, Message, Pipeline, Processors
+from ingest.rabbitmq import PUBLISHED_AT_HEADER
 from ingest.rabbitmq._aiormq import events
 from ingest.service.metrics import ChunkedHistogram, Metrics
 from ingest.testing import send_batch
@@ -67,3 +69,20 @@ def test_a_chunked_histogram_counts_each_value_in_its_bucket() -> None:
     assert 'h_seconds_bucket{le="1.0",pipeline="p"} 3.0' in text
     assert 'h_seconds_bucket{le="+Inf",pipeline="p"} 4.0' in text
     assert 'h_seconds_sum{pipeline="p"} 2.65' in text
+
+
+async def test_publish_to_ack_seconds_are_observed_from_the_stamped_messages() -> None:
+    metrics = Metrics()
+    pipeline = Pipeline("p", Passes(), InMemoryProducer())
+    metrics.watch(pipeline, lambda: True, prefetch=40)
+    two_seconds_ago = int((time.time() - 2) * 1000)
+    async with pipeline:
+        await send_batch(
+            pipeline, ["stamped"], metadata={"headers": {PUBLISHED_AT_HEADER: two_seconds_ago}}
+        )
+        await send_batch(pipeline, ["not stamped"], metadata={"headers": {"other": 1}})
+        await send_batch(pipeline, ["a bool"], metadata={"headers": {PUBLISHED_AT_HEADER: True}})
+    assert sample(metrics, 'ingest_publish_to_ack_seconds_count{pipeline="p"}') == 1
+    assert 2.0 <= sample(metrics, 'ingest_publish_to_ack_seconds_sum{pipeline="p"}') < 3.0
+    assert sample(metrics, 'ingest_publish_to_ack_seconds_bucket{le="1.0",pipeline="p"}') == 0
+    assert sample(metrics, 'ingest_prefetch_messages{pipeline="p"}') == 40
