@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from ingest.rabbitmq import RabbitMQProducer, retry_queue_name
+from ingest.service import tracing
 from ingest.service.hosting import build, settings_models
 from ingest.service.settings import CircuitBreakerSettings, PipelineSettings, Settings
 
@@ -52,9 +53,12 @@ def test_ingest_starts_after_healthy_dependencies_and_restarts() -> None:
         "rabbitmq": "service_healthy",
         "postgres": "service_healthy",
         "mailpit": "service_healthy",
+        # Traces are not a dependency: they wait in the exporter while Jaeger starts.
+        "jaeger": "service_started",
     }
-    for name in conditions:
-        assert "healthcheck" in SERVICES[name], f"{name} needs a healthcheck"
+    for name, condition in conditions.items():
+        if condition == "service_healthy":
+            assert "healthcheck" in SERVICES[name], f"{name} needs a healthcheck"
     assert ingest["restart"] == "unless-stopped"
 
 
@@ -76,7 +80,10 @@ def test_every_environment_name_compose_sets_is_a_settings_field(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     environment = ingest_environment()
-    unknown = [name for name in environment if not _field_exists(name)]
+    # The OTEL_* variables are OpenTelemetry's own (test_compose_sends_the_traces_to_jaeger).
+    unknown = [
+        name for name in environment if not name.startswith("OTEL_") and not _field_exists(name)
+    ]
     assert unknown == []
     for name in list(__import__("os").environ):
         if name.startswith("INGEST_"):
@@ -86,6 +93,14 @@ def test_every_environment_name_compose_sets_is_a_settings_field(
     settings = Settings()  # every value is valid, too
     assert settings.pipeline("bookings").closed_events == ["spectaculars"]
     assert settings.http_host == "0.0.0.0"
+
+
+def test_compose_sends_the_traces_to_jaeger() -> None:
+    environment = ingest_environment()
+    assert tracing.enabled(environment)
+    assert environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
+    assert SERVICES["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert "127.0.0.1:16686:16686" in SERVICES["jaeger"]["ports"]
 
 
 def test_prometheus_scrapes_the_service_and_the_broker_and_loads_the_alerts() -> None:
