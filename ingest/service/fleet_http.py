@@ -33,7 +33,10 @@ from ingest.service.protection import Protections, error_response
 logger = structlog.get_logger("ingest.service.fleet")
 
 FRESH_S = 0.5  # a merged snapshot serves every reader within this long (pages, /readyz)
-READ_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
+# A worker that does not answer within this long is down for this reading: /readyz and
+# the page must answer a probe or a person in time.
+SNAPSHOT_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
+METRICS_TIMEOUT = aiohttp.ClientTimeout(total=5.0)  # within Prometheus's 10 s scrape timeout
 # An admin action passed on may take long (a replay, an upload's body): no total.
 PASS_ON_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=600.0)
 CHUNK = 64 * 1024
@@ -113,7 +116,7 @@ class Fleet:
         if view.exit_code is None:
             try:
                 async with self.client().get(
-                    member.url + "/api/snapshot", timeout=READ_TIMEOUT
+                    member.url + "/api/snapshot", timeout=SNAPSHOT_TIMEOUT
                 ) as answer:
                     answer.raise_for_status()
                     view.snapshot = await answer.json()
@@ -133,7 +136,8 @@ class Fleet:
         if member.process.returncode is not None:
             return None
         try:
-            async with self.client().get(member.url + "/metrics", timeout=READ_TIMEOUT) as answer:
+            url = member.url + "/metrics"
+            async with self.client().get(url, timeout=METRICS_TIMEOUT) as answer:
                 answer.raise_for_status()
                 return await answer.text()
         except (aiohttp.ClientError, TimeoutError) as error:
