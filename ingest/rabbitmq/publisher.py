@@ -48,7 +48,7 @@ def published_times(messages: Iterable[Message]) -> Iterator[float]:
 @dataclass(frozen=True, slots=True)
 class OutgoingMessage:
     """One message to publish; `message_id` defaults to a fresh UUID. `cause` is the
-    message it is published for (a booking's notification: the booking), if any: a
+    message it is published for (an order's confirmation: the order), if any: a
     tracer continues that message's trace; it is not sent."""
 
     body: bytes

@@ -18,7 +18,7 @@ from ingest.service import dlq, tracing
 from ingest.service.activity import Activity, snapshot
 from ingest.service.hosted import DeclaresSettings, HostedPipeline, PipelineFactory
 from ingest.service.logging import FAILURE_EVENTS, log_failures
-from ingest.service.metrics import Metrics
+from ingest.service.metrics import Metrics, UploadRows
 from ingest.service.queue_depth import QueueDepths
 from ingest.service.settings import PipelineSettings, Settings
 from ingest.service.spool import Spool
@@ -101,6 +101,8 @@ async def serve(
         Spool(settings.upload_dir, settings.upload_max_bytes),
         {name: item.uploads for name, item in hosted.items() if item.uploads is not None},
     )
+    if uploads.processing:
+        metrics.registry.register(UploadRows(uploads.rows))
     http = _http_server(settings, hosted, metrics, depths, uploads)
     try:
         await http.start()

@@ -27,7 +27,6 @@ from ingest.pipeline import Pipeline
 from ingest.rabbitmq.dead_letters import DeadLetters
 from ingest.service import dlq
 from ingest.service.activity import delta
-from ingest.service.metrics import UploadRows
 from ingest.service.protection import (
     AdminFailures,
     BoundedSite,
@@ -89,9 +88,6 @@ class HttpServer:
         self.snapshot = snapshot
         self.uploads = uploads
         self.protections = protections
-        if uploads is not None and uploads.processing:
-            # Here, where the registry and the uploads meet (hosting.serve builds both).
-            registry.register(UploadRows(uploads.rows))
         self._streams = EventStreams(protections.max_event_streams)
         self._admin = AdminGate(admin_token)
         app = application(protections)

@@ -86,6 +86,32 @@ class Metrics:
         self.batches = Counter(
             "ingest_batches", "Batches handled", ["pipeline", "batcher", "trigger"], registry=r
         )
+        self._add_timings(r)
+        self.hook_errors = Counter(
+            "ingest_hook_exceptions", "Exceptions raised by hooks", ["pipeline", "hook"], registry=r
+        )
+        self.window_flushes = Counter(
+            "ingest_window_flushes",
+            "Durable windows flushed, by outcome: done, retry (tried again later), "
+            "dead_letter (their failed messages dead-lettered)",
+            ["pipeline", "batcher", "outcome"],
+            registry=r,
+        )
+        self.window_store_errors = Counter(
+            "ingest_window_store_errors",
+            "Calls to a durable batcher's window store that failed, by operation (append, "
+            "close, claim, open_windows, dead_letter)",
+            ["pipeline", "operation"],
+            registry=r,
+        )
+        self._watched: dict[str, Watched] = {}
+        r.register(_PipelineCollector(self._watched))
+        r.register(_SupervisionCollector(self._watched))
+        r.register(_WindowsCollector(self._watched))
+        r.register(_FrameCollector())
+
+    def _add_timings(self, r: CollectorRegistry) -> None:
+        """The histograms: batch sizes, the hooks' durations, publish to ack."""
         self.batch_size = Histogram(
             "ingest_batch_size",
             "Messages per batch",
@@ -104,23 +130,6 @@ class Metrics:
             buckets=_SECONDS,
             registry=r,
         )
-        self.hook_errors = Counter(
-            "ingest_hook_exceptions", "Exceptions raised by hooks", ["pipeline", "hook"], registry=r
-        )
-        self.window_flushes = Counter(
-            "ingest_window_flushes",
-            "Durable windows flushed, by outcome: done, retry (tried again later), "
-            "dead_letter (their failed messages dead-lettered)",
-            ["pipeline", "batcher", "outcome"],
-            registry=r,
-        )
-        self.window_store_errors = Counter(
-            "ingest_window_store_errors",
-            "Calls to a durable batcher's window store that failed, by operation (append, "
-            "close, claim, open_windows, dead_letter)",
-            ["pipeline", "operation"],
-            registry=r,
-        )
         self.publish_to_ack = Histogram(
             "ingest_publish_to_ack_seconds",
             "Seconds from publish to acknowledgement, of the messages a Publisher stamped "
@@ -129,11 +138,6 @@ class Metrics:
             buckets=_LATENCIES,
             registry=r,
         )
-        self._watched: dict[str, Watched] = {}
-        r.register(_PipelineCollector(self._watched))
-        r.register(_SupervisionCollector(self._watched))
-        r.register(_WindowsCollector(self._watched))
-        r.register(_FrameCollector())
 
     def watch(
         self,

@@ -41,8 +41,8 @@ class PublishSpan:
 
 class PublishSpans:
     """The connector's `PublishTracer`: a PRODUCER span per message published. Its parent
-    is, first found: the process span of the message it is published for (`cause`: a
-    booking's notification goes on in the booking's trace), the trace context it already
+    is, first found: the process span of the message it is published for (`cause`: what
+    a consumed message leads to goes on in its trace), the trace context it already
     carries (a replayed dead letter goes on in its own), the current span."""
 
     def __init__(self, tracer: Tracer, process: WeakKeyDictionary[Message, Span]) -> None:

@@ -192,7 +192,7 @@ class PipelineSpans:
         self, event: Event, name: str, kind: SpanKind, attributes: dict[str, Any]
     ) -> None:
         """A span over several messages: linked to each (the conventions' batch span), and
-        in their trace when they all share one (a booking published alone, the rows of an
+        in their trace when they all share one (a message published alone, the rows of an
         upload published under one trace); a trace of its own otherwise."""
         contexts = [c for c in map(self.process_context, event.messages) if c is not None]
         links = [Link(context) for context in contexts]
