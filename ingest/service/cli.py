@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_dlq(settings, args))
         if args.command in ("pause", "resume"):
             # One address pauses every worker of `ingest run --workers N`: one URL.
-            urls = control.service_urls(settings, args.url, 1)
+            urls = control.service_urls(settings, args.url)
             return control.hold(settings, args.pipeline, args.command == "pause", urls)
         return _topology(settings)
     except ConfigurationError as error:

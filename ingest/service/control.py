@@ -1,5 +1,6 @@
 """`ingest pause` / `ingest resume`: the command line's side of the admin endpoints of a
-running service (its HTTP port, or each worker's with `--workers N`)."""
+running service (its HTTP port: under `ingest run --workers N`, the supervisor's, which
+passes the pause on to every worker)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,12 @@ from ingest.exceptions import StartupError
 from ingest.service.settings import Settings
 
 
-def service_urls(settings: Settings, urls: Sequence[str] | None, workers: int) -> list[str]:
-    """The services to reach: the given URLs, else this host's HTTP port (and the next
-    `workers - 1` ports, as `ingest run --workers N` serves them)."""
+def service_urls(settings: Settings, urls: Sequence[str] | None) -> list[str]:
+    """The services to reach: the given URLs (replicas), else this host's HTTP port."""
     if urls:
         return [url.rstrip("/") for url in urls]
     host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::", "") else settings.http_host
-    return [f"http://{host}:{settings.http_port + i}" for i in range(workers)]
+    return [f"http://{host}:{settings.http_port}"]
 
 
 def post(url: str, token: str | None, timeout: float = 30.0) -> dict[str, Any]:
