@@ -125,6 +125,17 @@ class PipelineSpans:
                 self.process[message] = self._start_process(message, event.stage)
 
     def _start_process(self, message: Message, stage: str) -> Span:
+        span = self.tracer.start_span(
+            f"process {self.destination}",
+            context=carried_context(message) or Context(),
+            kind=SpanKind.CONSUMER,
+        )
+        # Sampled out, a span only carries its trace on (to what the message leads to).
+        if span.is_recording():
+            span.set_attributes(self._process_attributes(message, stage))
+        return span
+
+    def _process_attributes(self, message: Message, stage: str) -> dict[str, Any]:
         metadata = message.metadata
         attributes: dict[str, Any] = {
             **_SYSTEM,
@@ -148,12 +159,7 @@ class PipelineSpans:
                 attributes["ingest.rabbitmq.redelivered"] = True
         if isinstance(message.data, bytes | str):
             attributes["messaging.message.body.size"] = len(message.data)
-        return self.tracer.start_span(
-            f"process {self.destination}",
-            context=carried_context(message) or Context(),
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
-        )
+        return attributes
 
     def _prepare(self, event: Event) -> None:
         attributes = {"ingest.pipeline": self.pipeline, "ingest.processor": event.stage}
@@ -162,10 +168,11 @@ class PipelineSpans:
     def _handle_message(self, event: Event) -> None:
         [message] = event.messages
         span = self.process.get(message)
-        parent = Context() if span is None else trace.set_span_in_context(span, Context())
+        if span is None or not span.is_recording():
+            return  # its trace is sampled out: no child of it would be either
         started = self.tracer.start_span(
             "handle_message",
-            context=parent,
+            context=trace.set_span_in_context(span, Context()),
             attributes={"ingest.pipeline": self.pipeline, "ingest.processor": event.stage},
         )
         self._make_current(event, started)
@@ -193,8 +200,11 @@ class PipelineSpans:
     ) -> None:
         """A span over several messages: linked to each (the conventions' batch span), and
         in their trace when they all share one (a message published alone, the rows of an
-        upload published under one trace); a trace of its own otherwise."""
+        upload published under one trace); a trace of its own otherwise. None when every
+        message's trace is sampled out, as a child of theirs would be."""
         contexts = [c for c in map(self.process_context, event.messages) if c is not None]
+        if not any(context.trace_flags.sampled for context in contexts):
+            return
         links = [Link(context) for context in contexts]
         parent = Context()
         if contexts and all(c.trace_id == contexts[0].trace_id for c in contexts):
