@@ -13,6 +13,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
 
 from ingest import Batcher, Handlers, Message, NoopAcknowledger, Pipeline
@@ -320,3 +321,34 @@ def test_tracing_off_imports_nothing_of_opentelemetry() -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+async def test_a_sampled_out_trace_records_nothing_and_carries_its_decision_on(
+    make_pipeline: MakePipeline,
+) -> None:
+    exported = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.0)))
+    tracing.install(Tracing(provider, exporter=exported))
+    try:
+        active = tracing.active()
+        assert active is not None
+        publishing = active.publishing
+        published: list[str] = []
+
+        class Publishing(Booked):
+            async def handle_batch(self, batcher, messages, batch_info, context):  # type: ignore[no-untyped-def]
+                for message in messages:
+                    span = publishing.start("", "q", None, None, message)
+                    published.append(span.headers["traceparent"])
+                    span.end(None)
+                return messages
+
+        pipeline = await make_pipeline(Publishing(), batchers={"b": Batcher(batch_size=1)})
+        active.watch(pipeline, "bookings_queue")
+        await send_batch(pipeline, [b"cinema,1"])
+    finally:
+        tracing.uninstall()
+    assert exported.get_finished_spans() == ()
+    [traceparent] = published
+    flags = int(traceparent.rsplit("-", 1)[1], 16)
+    assert flags & 1 == 0, "the next consumer is told it is sampled out"
