@@ -134,3 +134,20 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIt
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@pytest.fixture
+def span_exporter() -> Iterator[Any]:
+    """Tracing on for the test, every span exported at once to the in-memory exporter
+    yielded (`get_finished_spans()`); off again afterwards."""
+    # Imported here: only the tracing tests need OpenTelemetry.
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from ingest.service import tracing
+    from ingest.service.tracing.provider import Tracing
+
+    spans = InMemorySpanExporter()
+    tracing.install(Tracing(TracerProvider(), exporter=spans))
+    yield spans
+    tracing.uninstall()

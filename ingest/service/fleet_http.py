@@ -19,15 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ingest.service.fleet import WorkerView, exposition, merge_metrics, merge_snapshots, readiness
-from ingest.service.http import (
-    AdminGate,
-    EventStreams,
-    add_page,
-    application,
-    healthz,
-    listen,
-    runner,
-)
+from ingest.service.http import Served, add_page, healthz
 from ingest.service.protection import Protections, error_response
 
 logger = structlog.get_logger("ingest.service.fleet")
@@ -158,7 +150,7 @@ class Fleet:
             return 502, {"error": f"no answer: {_why(error)}"}
 
 
-class FleetServer:
+class FleetServer(Served):
     """The supervisor's HTTP server. For everyone: `GET /healthz` (the supervisor
     answers), `GET /readyz` (200 only while every worker is ready; 503 naming each one
     that is not and why), `GET /metrics` (every worker's samples with `worker="i"`, and
@@ -176,10 +168,9 @@ class FleetServer:
         *,
         protections: Protections,
     ) -> None:
-        self.host, self.port, self.fleet, self.protections = host, port, fleet, protections
-        self._streams = EventStreams(protections.max_event_streams)
-        self._admin = AdminGate(admin_token)
-        app = application(protections)
+        super().__init__(host, port, admin_token, protections)
+        self.fleet = fleet
+        app = self.app
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
@@ -196,15 +187,6 @@ class FleetServer:
         app.router.add_get("/uploads", first)
         app.router.add_get("/uploads/{id}", first)
         app.router.add_get("/uploads/{id}/errors.csv", first)
-        self._runner = runner(app, protections)
-
-    async def start(self) -> None:
-        self.port = await listen(self._runner, self.host, self.port, self.protections)
-
-    async def stop(self) -> None:
-        self._streams.close()
-        await self._runner.cleanup()
-        self._admin.flush()
 
     async def _readyz(self, request: web.Request) -> web.Response:
         ready, body = readiness(await self.fleet.views())

@@ -47,7 +47,31 @@ EVENT_STREAMS_RETRY_AFTER_S = 5
 MULTIPART_OVERHEAD = 64 * 1024  # the form's other fields and boundaries, beside the file
 
 
-class HttpServer:
+class Served:
+    """An aiohttp application on `host:port` behind the protections, with its event
+    streams and its admin gate: `app` takes the routes, `start()` listens (port 0 picks
+    one), `stop()` ends the event streams, closes the server and logs the admin
+    throttle's last refusals. The service's and the workers' supervisor's servers."""
+
+    def __init__(
+        self, host: str, port: int, admin_token: str | None, protections: Protections
+    ) -> None:
+        self.host, self.port, self.protections = host, port, protections
+        self._streams = EventStreams(protections.max_event_streams)
+        self._admin = AdminGate(admin_token)
+        self.app = application(protections)
+        self._runner = runner(self.app, protections)
+
+    async def start(self) -> None:
+        self.port = await listen(self._runner, self.host, self.port, self.protections)
+
+    async def stop(self) -> None:
+        self._streams.close()
+        await self._runner.cleanup()
+        self._admin.flush()
+
+
+class HttpServer(Served):
     """For everyone: `GET /metrics` (Prometheus text format), `GET /healthz` (the process
     answers), `GET /readyz` (200 only while every pipeline is ready; the body says which is
     not and why), `GET /` (the live page), `GET /api/snapshot` and `GET /events` (its
@@ -79,18 +103,14 @@ class HttpServer:
         *,
         protections: Protections,
     ) -> None:
-        self.host = host
-        self.port = port
+        super().__init__(host, port, admin_token, protections)
         self.registry = registry
         self.readiness = readiness
         self.pipelines = pipelines
         self.dead_letters = dead_letters or {}
         self.snapshot = snapshot
         self.uploads = uploads
-        self.protections = protections
-        self._streams = EventStreams(protections.max_event_streams)
-        self._admin = AdminGate(admin_token)
-        app = application(protections)
+        app = self.app
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -106,15 +126,6 @@ class HttpServer:
         app.router.add_get("/uploads", self._admin(self._uploads))
         app.router.add_get("/uploads/{id}", self._admin(self._upload_status))
         app.router.add_get("/uploads/{id}/errors.csv", self._admin(self._upload_errors))
-        self._runner = runner(app, protections)
-
-    async def start(self) -> None:
-        self.port = await listen(self._runner, self.host, self.port, self.protections)
-
-    async def stop(self) -> None:
-        self._streams.close()
-        await self._runner.cleanup()
-        self._admin.flush()
 
     # -- read-only ------------------------------------------------------------------------
 

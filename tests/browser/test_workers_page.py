@@ -5,8 +5,6 @@ of each under var/artifacts/."""
 
 from __future__ import annotations
 
-import asyncio
-import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,8 +13,8 @@ import pytest
 from playwright.async_api import Browser, expect
 
 from tests.browser.conftest import screenshot
-from tests.integration.test_tickets_cli import env, ingest
-from tests.integration.test_workers_page import TOKEN, Workers, start_workers
+from tests.integration.test_tickets_cli import ingest
+from tests.integration.test_workers_page import TOKEN, Workers, workers_running
 from tests.integration.uploads import BAD_ROWS, bookings_csv
 from tests.support import Broker
 
@@ -25,20 +23,8 @@ BOOKINGS = 300
 
 @pytest.fixture
 async def workers(broker: Broker, queue_name: str, tmp_path: Path) -> AsyncIterator[Workers]:
-    environment = env(
-        tmp_path,
-        INGEST_AMQP_URL=broker.amqp_url,
-        INGEST_ADMIN_TOKEN=TOKEN,
-        INGEST_UPLOAD_DIR=str(tmp_path / "uploads"),
-        INGEST_PIPELINES__BOOKINGS__QUEUE=f"{queue_name}-bookings",
-        INGEST_PIPELINES__NOTIFICATIONS__QUEUE=f"{queue_name}-notifications",
-    )
-    running = await start_workers(environment)
-    try:
+    async with workers_running(broker, queue_name, tmp_path) as running:
         yield running
-    finally:
-        running.process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(running.process.communicate(), 60)
 
 
 async def test_the_page_shows_both_workers_health_and_their_figures_summed(

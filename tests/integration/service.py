@@ -119,6 +119,31 @@ async def running_service(**settings: Any) -> AsyncIterator[RunningService]:
         await asyncio.wait_for(task, 60)
 
 
+@asynccontextmanager
+async def tickets_service(
+    broker: Broker, queues: dict[str, str], database_url: str
+) -> AsyncIterator[tuple[RunningService, Inbox]]:
+    """The tickets service on `database_url` and a real SMTP server, its two pipelines on
+    `queues` (`bookings`, `notifications`), spectaculars closed and digests every 0.5 s."""
+    async with (
+        smtp_server() as smtp,
+        running_service(
+            amqp_url=broker.amqp_url,
+            database_url=database_url,
+            smtp_url=f"smtp://127.0.0.1:{smtp.port}",
+            shutdown_timeout=15,
+            pipelines={
+                "bookings": {"queue": queues["bookings"], "closed_events": ["spectaculars"]},
+                "notifications": {
+                    "queue": queues["notifications"],
+                    "batchers": {"email": {"batch_timeout": 0.5}},
+                },
+            },
+        ) as running,
+    ):
+        yield running, smtp.inbox
+
+
 def local_service(
     broker: Broker, queue_name: str, directory: Any, **settings: Any
 ) -> AbstractAsyncContextManager[RunningService]:

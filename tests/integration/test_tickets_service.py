@@ -17,7 +17,14 @@ from pipelines.db import Database
 from tests.support import postgres_through_a_proxy
 
 from .conftest import Broker, drain_queue, eventually, queue_depth
-from .service import Inbox, RunningService, metric, publish_from_ui, running_service, smtp_server
+from .service import (
+    Inbox,
+    RunningService,
+    metric,
+    publish_from_ui,
+    running_service,
+    tickets_service,
+)
 
 
 @pytest.fixture
@@ -29,23 +36,8 @@ def queues(queue_name: str) -> dict[str, str]:
 async def service(
     broker: Broker, queues: dict[str, str], database_url: str
 ) -> AsyncIterator[tuple[RunningService, Inbox]]:
-    async with (
-        smtp_server() as smtp,
-        running_service(
-            amqp_url=broker.amqp_url,
-            database_url=database_url,
-            smtp_url=f"smtp://127.0.0.1:{smtp.port}",
-            shutdown_timeout=15,
-            pipelines={
-                "bookings": {"queue": queues["bookings"], "closed_events": ["spectaculars"]},
-                "notifications": {
-                    "queue": queues["notifications"],
-                    "batchers": {"email": {"batch_timeout": 0.5}},
-                },
-            },
-        ) as running,
-    ):
-        yield running, smtp.inbox
+    async with tickets_service(broker, queues, database_url) as running:
+        yield running
 
 
 async def tickets(running: RunningService) -> list[tuple[str, int, str]]:

@@ -7,24 +7,23 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiormq
 import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 from ingest.rabbitmq import REASON_HEADER
 from ingest.rabbitmq.dead_letters import DeadLetters
 from ingest.service import tracing
-from ingest.service.tracing.provider import Tracing
 from tests.support import Broker, eventually, free_port
 
-from .service import Inbox, RunningService, run_cli, running_service, smtp_server
+from .service import Inbox, RunningService, run_cli, tickets_service
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PUBLISHER_SPAN = "b7ad6b7169203331"
@@ -45,34 +44,12 @@ def publish_traced(broker: Broker, queue: str, payload: str, message_id: str) ->
 
 
 @pytest.fixture
-def exporter() -> Iterator[InMemorySpanExporter]:
-    spans = InMemorySpanExporter()
-    tracing.install(Tracing(TracerProvider(), exporter=spans))
-    yield spans
-    tracing.uninstall()
-
-
-@pytest.fixture
 async def service(
-    broker: Broker, queue_name: str, database_url: str, exporter: InMemorySpanExporter
+    broker: Broker, queue_name: str, database_url: str, span_exporter: InMemorySpanExporter
 ) -> AsyncIterator[tuple[RunningService, Inbox]]:
-    async with (
-        smtp_server() as smtp,
-        running_service(
-            amqp_url=broker.amqp_url,
-            database_url=database_url,
-            smtp_url=f"smtp://127.0.0.1:{smtp.port}",
-            shutdown_timeout=15,
-            pipelines={
-                "bookings": {"queue": f"{queue_name}-bookings", "closed_events": ["spectaculars"]},
-                "notifications": {
-                    "queue": f"{queue_name}-notifications",
-                    "batchers": {"email": {"batch_timeout": 0.5}},
-                },
-            },
-        ) as running,
-    ):
-        yield running, smtp.inbox
+    queues = {name: f"{queue_name}-{name}" for name in ("bookings", "notifications")}
+    async with tickets_service(broker, queues, database_url) as running:
+        yield running
 
 
 class Trace:
@@ -114,7 +91,7 @@ async def test_one_trace_runs_from_a_booking_to_the_digest_that_mailed_it(
     broker: Broker,
     queue_name: str,
     service: tuple[RunningService, Inbox],
-    exporter: InMemorySpanExporter,
+    span_exporter: InMemorySpanExporter,
 ) -> None:
     _, inbox = service
     bookings, notifications = f"{queue_name}-bookings", f"{queue_name}-notifications"
@@ -122,11 +99,11 @@ async def test_one_trace_runs_from_a_booking_to_the_digest_that_mailed_it(
 
     async def mailed() -> bool:
         return bool(inbox.messages) and any(
-            s.name == "smtp send" for s in exporter.get_finished_spans()
+            s.name == "smtp send" for s in span_exporter.get_finished_spans()
         )
 
     await eventually(mailed, timeout=20)
-    spans = Trace(exporter.get_finished_spans())
+    spans = Trace(span_exporter.get_finished_spans())
 
     booking = spans.one(f"process {bookings}")
     assert booking.kind is SpanKind.CONSUMER
@@ -174,15 +151,15 @@ async def test_a_closed_event_fails_its_process_span_with_the_reason(
     broker: Broker,
     queue_name: str,
     service: tuple[RunningService, Inbox],
-    exporter: InMemorySpanExporter,
+    span_exporter: InMemorySpanExporter,
 ) -> None:
     publish_traced(broker, f"{queue_name}-bookings", "spectaculars,1", "booking-closed")
 
     async def processed() -> bool:
-        return any(s.name.startswith("process") for s in exporter.get_finished_spans())
+        return any(s.name.startswith("process") for s in span_exporter.get_finished_spans())
 
     await eventually(processed, timeout=15)
-    process = Trace(exporter.get_finished_spans()).one(f"process {queue_name}-bookings")
+    process = Trace(span_exporter.get_finished_spans()).one(f"process {queue_name}-bookings")
     assert process.status.description == "bookings-closed"
 
 
@@ -293,7 +270,7 @@ async def test_a_replayed_dead_letter_goes_on_in_its_trace_under_a_producer_span
     broker: Broker,
     queue_name: str,
     amqp: aiormq.abc.AbstractChannel,
-    exporter: InMemorySpanExporter,
+    span_exporter: InMemorySpanExporter,
 ) -> None:
     queue, dlq = f"{queue_name}-work", f"{queue_name}-work.dlq"
     await amqp.queue_declare(queue, durable=True)
@@ -309,7 +286,7 @@ async def test_a_replayed_dead_letter_goes_on_in_its_trace_under_a_producer_span
     async with DeadLetters(broker.amqp_url, queue, tracer=tracing.publish_tracer()) as dead:
         assert (await dead.replay()).replayed == 1
 
-    [replay] = [s for s in exporter.get_finished_spans() if s.name == f"publish {queue}"]
+    [replay] = [s for s in span_exporter.get_finished_spans() if s.name == f"publish {queue}"]
     assert replay.kind is SpanKind.PRODUCER
     assert replay.parent is not None
     assert format(replay.parent.span_id, "016x") == PUBLISHER_SPAN

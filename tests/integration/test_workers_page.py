@@ -12,6 +12,7 @@ import signal
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,12 @@ async def start_workers(environment: dict[str, str]) -> Workers:
     return workers
 
 
-@pytest.fixture
-async def workers(broker: Broker, queue_name: str, tmp_path: Path) -> AsyncIterator[Workers]:
+@asynccontextmanager
+async def workers_running(
+    broker: Broker, queue_name: str, tmp_path: Path
+) -> AsyncIterator[Workers]:
+    """`ingest run --workers 2` on the test's queues, with the admin token and an upload
+    spool; stopped with SIGTERM (unless it stopped already) and awaited on the way out."""
     environment = env(
         tmp_path,
         INGEST_AMQP_URL=broker.amqp_url,
@@ -85,6 +90,12 @@ async def workers(broker: Broker, queue_name: str, tmp_path: Path) -> AsyncItera
         if running.process.returncode is None:
             running.process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(running.process.communicate(), 60)
+
+
+@pytest.fixture
+async def workers(broker: Broker, queue_name: str, tmp_path: Path) -> AsyncIterator[Workers]:
+    async with workers_running(broker, queue_name, tmp_path) as running:
+        yield running
 
 
 def received(snapshot: dict[str, Any]) -> int:

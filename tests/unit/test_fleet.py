@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingest import Batcher, Handlers, Message
+from ingest import Batcher
 from ingest.service.activity import FAILURES_KEPT, HISTORY_S, Activity, delta, snapshot
 from ingest.service.fleet import (
     WorkerView,
@@ -28,16 +28,7 @@ from ingest.service.fleet import (
 from ingest.testing import push_messages
 
 from .conftest import MakePipeline
-
-
-class Some(Handlers):
-    async def handle_message(self, processor: str, message: Message, context: Any) -> Message:
-        if message.data == "bad":
-            return message.failed("bad payload")
-        return message.put_batcher("b")
-
-    async def handle_batch(self, batcher, messages, batch_info, context):  # type: ignore[no-untyped-def]
-        return messages
+from .test_activity import Some
 
 
 class Clock:

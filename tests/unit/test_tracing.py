@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 import pytest
@@ -35,15 +35,7 @@ def traceparent(trace_id: str = TRACE_ID, span_id: str = PARENT_ID) -> dict[str,
 
 
 @pytest.fixture
-def exporter() -> Iterator[InMemorySpanExporter]:
-    spans = InMemorySpanExporter()
-    tracing.install(Tracing(TracerProvider(), exporter=spans))
-    yield spans
-    tracing.uninstall()
-
-
-@pytest.fixture
-def traced(make_pipeline: MakePipeline, exporter: InMemorySpanExporter) -> MakePipeline:
+def traced(make_pipeline: MakePipeline, span_exporter: InMemorySpanExporter) -> MakePipeline:
     """Build a pipeline on the in-memory producer whose events are traced."""
 
     async def make(handlers: Handlers, **options: Any) -> Pipeline:
@@ -81,8 +73,8 @@ class Booked(Handlers):
         return messages
 
 
-def named(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
-    return [span for span in exporter.get_finished_spans() if span.name == name]
+def named(span_exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
+    return [span for span in span_exporter.get_finished_spans() if span.name == name]
 
 
 def parent_of(span: ReadableSpan) -> int | None:
@@ -90,13 +82,13 @@ def parent_of(span: ReadableSpan) -> int | None:
 
 
 async def test_a_delivery_s_traceparent_is_the_parent_of_its_process_span(
-    traced: Any, exporter: InMemorySpanExporter
+    traced: Any, span_exporter: InMemorySpanExporter
 ) -> None:
     pipeline = await traced(Booked(), batchers={"b": Batcher(batch_size=1)})
     metadata = {**traceparent(), "delivery_tag": 7, "routing_key": "bookings_queue"}
     await send_batch(pipeline, [b"cinema,1"], metadata=metadata)
 
-    [process] = named(exporter, "process bookings_queue")
+    [process] = named(span_exporter, "process bookings_queue")
     assert process.kind is SpanKind.CONSUMER
     assert format(process.context.trace_id, "032x") == TRACE_ID
     assert parent_of(process) == int(PARENT_ID, 16)
@@ -118,16 +110,16 @@ async def test_a_delivery_s_traceparent_is_the_parent_of_its_process_span(
 
 
 async def test_prepare_handle_and_batch_spans_hang_under_the_message(
-    traced: Any, exporter: InMemorySpanExporter
+    traced: Any, span_exporter: InMemorySpanExporter
 ) -> None:
     handlers = Booked()
     pipeline = await traced(handlers, batchers={"b": Batcher(batch_size=1)})
     await send_batch(pipeline, [b"cinema,1"], metadata=traceparent())
 
-    [process] = named(exporter, "process bookings_queue")
-    [prepare] = named(exporter, "prepare_messages")
-    [handle] = named(exporter, "handle_message")
-    [batch] = named(exporter, "handle_batch b")
+    [process] = named(span_exporter, "process bookings_queue")
+    [prepare] = named(span_exporter, "prepare_messages")
+    [handle] = named(span_exporter, "handle_message")
+    [batch] = named(span_exporter, "handle_batch b")
     process_id = process.context.span_id
     assert parent_of(prepare) == parent_of(handle) == process_id
     # A batch span links to every message it holds; one message's batch is in its trace.
@@ -150,7 +142,7 @@ async def test_prepare_handle_and_batch_spans_hang_under_the_message(
 
 
 async def test_a_batch_of_several_traces_is_a_trace_of_its_own_linked_to_each(
-    traced: Any, exporter: InMemorySpanExporter
+    traced: Any, span_exporter: InMemorySpanExporter
 ) -> None:
     pipeline = await traced(Booked(), batchers={"b": Batcher(batch_size=3, batch_timeout=5)})
     acknowledger = CollectingAcknowledger(3)
@@ -161,19 +153,19 @@ async def test_a_batch_of_several_traces_is_a_trace_of_its_own_linked_to_each(
     await pipeline.producer.push(messages)
     await acknowledger.wait(5)
 
-    [batch] = named(exporter, "handle_batch b")
+    [batch] = named(span_exporter, "handle_batch b")
     assert batch.parent is None
     assert sorted(format(link.context.trace_id, "032x") for link in batch.links) == trace_ids
-    processes = {span.context.span_id for span in named(exporter, "process bookings_queue")}
+    processes = {span.context.span_id for span in named(span_exporter, "process bookings_queue")}
     assert {link.context.span_id for link in batch.links} == processes
 
 
 async def test_a_message_without_trace_context_starts_a_trace(
-    traced: Any, exporter: InMemorySpanExporter
+    traced: Any, span_exporter: InMemorySpanExporter
 ) -> None:
     pipeline = await traced(Booked(), batchers={"b": Batcher(batch_size=1)})
     await send_batch(pipeline, [b"cinema,1"])
-    [process] = named(exporter, "process bookings_queue")
+    [process] = named(span_exporter, "process bookings_queue")
     assert process.parent is None
     assert "messaging.message.id" not in (process.attributes or {})
 
@@ -188,7 +180,7 @@ async def test_a_message_without_trace_context_starts_a_trace(
 )
 async def test_a_hook_that_raised_records_the_exception_and_fails_the_spans(
     traced: Any,
-    exporter: InMemorySpanExporter,
+    span_exporter: InMemorySpanExporter,
     data: str,
     failed_span: str,
     exception: type[Exception],
@@ -196,28 +188,28 @@ async def test_a_hook_that_raised_records_the_exception_and_fails_the_spans(
     pipeline = await traced(Booked(), batchers={"b": Batcher(batch_size=1)})
     await send_batch(pipeline, [data], metadata=traceparent())
 
-    [span] = named(exporter, failed_span)
+    [span] = named(span_exporter, failed_span)
     assert span.status.status_code is StatusCode.ERROR
     [recorded] = [event for event in span.events if event.name == "exception"]
     assert (recorded.attributes or {})["exception.type"] == exception.__name__
-    [process] = named(exporter, "process bookings_queue")
+    [process] = named(span_exporter, "process bookings_queue")
     assert process.status.status_code is StatusCode.ERROR
     assert any(event.name == "exception" for event in process.events)
 
 
 async def test_a_message_failed_on_purpose_fails_its_process_span_with_the_reason(
-    traced: Any, exporter: InMemorySpanExporter
+    traced: Any, span_exporter: InMemorySpanExporter
 ) -> None:
     pipeline = await traced(Booked(), batchers={"b": Batcher(batch_size=1)})
     await send_batch(pipeline, ["closed"], metadata=traceparent())
-    [process] = named(exporter, "process bookings_queue")
+    [process] = named(span_exporter, "process bookings_queue")
     assert process.status.status_code is StatusCode.ERROR
     assert process.status.description == "bookings-closed"
-    assert named(exporter, "handle_batch b") == []
+    assert named(span_exporter, "handle_batch b") == []
 
 
 def test_a_published_message_goes_on_in_its_causes_trace(
-    exporter: InMemorySpanExporter,
+    span_exporter: InMemorySpanExporter,
 ) -> None:
     active = tracing.active()
     assert active is not None
@@ -235,9 +227,9 @@ def test_a_published_message_goes_on_in_its_causes_trace(
         span.end(None)
     spans = {
         (span.attributes or {})["messaging.message.id"]: span
-        for span in named(exporter, "publish q")
+        for span in named(span_exporter, "publish q")
     }
-    [published] = named(exporter, "publish notifications_queue")
+    [published] = named(span_exporter, "publish notifications_queue")
     assert published.kind is SpanKind.PRODUCER
     assert parent_of(published) == process.get_span_context().span_id
     assert parent_of(spans["n-2"]) == int(PARENT_ID, 16)
@@ -248,12 +240,12 @@ def test_a_published_message_goes_on_in_its_causes_trace(
     assert int(trace_id, 16) == process.get_span_context().trace_id
 
 
-def test_a_publish_that_failed_fails_its_span(exporter: InMemorySpanExporter) -> None:
+def test_a_publish_that_failed_fails_its_span(span_exporter: InMemorySpanExporter) -> None:
     active = tracing.active()
     assert active is not None
     span = active.publishing.start("", "q", "n-1", None, None)
     span.end(ConnectionError("connection lost"))
-    [published] = named(exporter, "publish q")
+    [published] = named(span_exporter, "publish q")
     assert published.status.status_code is StatusCode.ERROR
     assert published.status.description == "ConnectionError: connection lost"
 
@@ -265,7 +257,7 @@ def test_outgoing_messages_do_not_send_their_cause() -> None:
     assert message == OutgoingMessage(b"n", "q", message_id="n-1")
 
 
-def test_no_span_no_ids_in_the_logs(exporter: InMemorySpanExporter) -> None:
+def test_no_span_no_ids_in_the_logs(span_exporter: InMemorySpanExporter) -> None:
     assert trace.get_current_span() is trace.INVALID_SPAN
     assert trace_ids(None, "info", {"event": "x"}) == {"event": "x"}
 

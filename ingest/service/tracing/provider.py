@@ -78,7 +78,7 @@ class Tracing:
         spans = PipelineSpans(
             self.tracer, pipeline.name, destination or pipeline.name, self.process
         )
-        pipeline.events.subscribe(spans.on_event, kinds=spans.KINDS)
+        pipeline.events.subscribe(spans.on_event, kinds=spans.kinds)
         self._watched.append((pipeline, spans))
 
     def unwatch(self) -> None:

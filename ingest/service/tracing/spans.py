@@ -57,23 +57,6 @@ class PipelineSpans:
     the current span of the stage's task while it runs, so that instrumented libraries
     nest under it."""
 
-    KINDS: Final[frozenset[EventKind]] = frozenset(
-        (
-            "processor.start",
-            "prepare.start",
-            "prepare.stop",
-            "prepare.exception",
-            "message.start",
-            "message.stop",
-            "message.exception",
-            "batch.start",
-            "batch.stop",
-            "batch.exception",
-            "ack",
-            "ack.exception",
-        )
-    )
-
     def __init__(
         self,
         tracer: Tracer,
@@ -104,6 +87,11 @@ class PipelineSpans:
             "ack": self._acknowledged,
             "ack.exception": self._acknowledged,
         }
+
+    @property
+    def kinds(self) -> frozenset[EventKind]:
+        """The events it subscribes to: those it has a handler for."""
+        return frozenset(self._handlers)
 
     def on_event(self, event: Event) -> None:
         self._handlers[event.kind](event)
