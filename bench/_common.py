@@ -100,6 +100,16 @@ def cpu_seconds(pid: int | str = "self") -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS_PER_SECOND
 
 
+def machine_jiffies() -> tuple[float, float]:
+    """This machine's idle and total CPU time over all its cores since boot, in clock
+    ticks (`/proc/stat`): idle counts iowait too, total leaves out guest time (already in
+    user)."""
+    # user nice system idle iowait irq softirq steal
+    cpu = Path("/proc/stat").read_text().split("\n", 1)[0]
+    fields = [int(value) for value in cpu.split()[1:9]]
+    return float(fields[3] + fields[4]), float(sum(fields))
+
+
 def find_broker_pid() -> int | None:
     """RabbitMQ's Erlang VM on this machine (`beam.smp` with rabbit on its command line);
     None when the broker runs elsewhere (in a container's own pid namespace, say)."""
@@ -226,7 +236,8 @@ class Probe:
         self._spent: dict[str, float] = {}
 
     def _counters(self) -> dict[str, float]:
-        counters = {"service": cpu_seconds()}
+        idle, total = machine_jiffies()
+        counters = {"service": cpu_seconds(), "machine_idle": idle, "machine_total": total}
         if self.broker_pid is not None:
             counters["broker"] = cpu_seconds(self.broker_pid)
         return counters
@@ -271,6 +282,15 @@ class Probe:
         }
         if "postgres" in self._spent:
             row["postgres_cpu_us_per_msg"] = per_message(self._spent["postgres"])
+        # Over the probe's own time (start to stop), whatever `seconds` says: the share of
+        # every core's time this machine spent idle, and the cores the service kept busy.
+        probed = self.stopped_at - self.started_at
+        row["machine_idle_pct"] = round(
+            100 * self._spent["machine_idle"] / max(self._spent["machine_total"], 1), 1
+        )
+        row["service_busy_cores"] = round(
+            (self._spent["service"] + self.workers_cpu) / max(probed, 1e-9), 2
+        )
         return {**row, **extra}
 
 

@@ -25,7 +25,10 @@ Scenarios (each fills its own queue, then drains it in a fresh process):
 
 One JSON line per scenario, then a Markdown table: msgs_per_s, ratio_to_bare (to
 bare_aiormq of the same run), service_cpu_us_per_msg (the draining processes' utime+stime),
-broker_cpu_us_per_msg (RabbitMQ's Erlang VM over the drain, not the fill), peak_rss_mb
+broker_cpu_us_per_msg (RabbitMQ's Erlang VM over the drain, not the fill),
+machine_idle_pct (the share of all the machine's cores' time spent idle over the drain:
+the room left for more throughput; near 0, the rate is set by CPU, not by waits),
+service_busy_cores (the service's CPU seconds per second of the drain), peak_rss_mb
 (imported_rss_mb: the drain process's RSS once the service's modules are imported, before
 anything runs), and per scenario what it checks. Timed from the start of the drain to its
 last acknowledgement.
@@ -757,6 +760,8 @@ TABLE = (
     ("ratio to bare", "ratio_to_bare"),
     ("service CPU µs/msg", "service_cpu_us_per_msg"),
     ("broker CPU µs/msg", "broker_cpu_us_per_msg"),
+    ("machine idle %", "machine_idle_pct"),
+    ("service busy cores", "service_busy_cores"),
     ("peak RSS MB", "peak_rss_mb"),
 )
 NOTES = (
