@@ -112,6 +112,8 @@ class Drain:
     durable_windows: bool = True  # notifications: INGEST_PIPELINES__..__DURABLE_WINDOWS
     smtp_record: str = ""  # notifications: the SMTP recorder's file, read until all mailed
     mail_timeout: float = 300.0  # notifications: the most to wait for it after the drain
+    # bookings: settings on top of the pipeline's own (`--bookings prefetch_count=1500`)
+    bookings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def notifications_queue(self) -> str:
@@ -237,7 +239,7 @@ async def hosted(
         database_url=drain.database_url,
         smtp_url=drain.smtp_url or None,
         pipelines={
-            "bookings": {"queue": drain.queue, "queue_type": drain.queue_type},
+            "bookings": {"queue": drain.queue, "queue_type": drain.queue_type, **drain.bookings},
             "notifications": {
                 "queue": drain.notifications_queue,
                 "queue_type": drain.queue_type,
@@ -599,6 +601,7 @@ class Run:
     notifications_prefetch: int | None = None
     queue_type: str = "quorum"
     mail_timeout: float = 300.0
+    bookings: dict[str, Any] = field(default_factory=dict)
     broker_pid: int | None = None
     postgres_error: str | None = None
     rng: random.Random = field(default_factory=lambda: random.Random(11))
@@ -669,7 +672,7 @@ def bookings_job(
 ) -> Job:
     """The bare drains and the bookings pipeline (on SQLite, and so labelled, when
     PostgreSQL is unreachable)."""
-    drain = Drain(run.url, queue, run.messages, queue_type=run.queue_type)
+    drain = Drain(run.url, queue, run.messages, queue_type=run.queue_type, bookings=run.bookings)
     job = Job(scenario, scenario, drain, booking_messages(run.messages, run.rng))
     if scenario.startswith("bookings"):
         url, database = database_for(run, "postgresql" in scenario, directory, cleanup)
@@ -859,6 +862,14 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--postgres", default=os.environ.get("POSTGRES_URL", POSTGRES_URL))
     parser.add_argument("--scenario", choices=SCENARIOS, action="append")
     parser.add_argument(
+        "--bookings",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="a setting of the bookings pipeline, its path dotted as in INGEST_PIPELINES__"
+        "BOOKINGS__...: prefetch_count=1500, batchers.cinema.concurrency=4",
+    )
+    parser.add_argument(
         "--traced",
         action="store_true",
         help="drain with tracing on: OTLP/HTTP to a sink this script runs, which counts "
@@ -918,6 +929,19 @@ def otlp_sink() -> http.server.ThreadingHTTPServer:
     return server
 
 
+def bookings_settings(given: list[str]) -> dict[str, Any]:
+    """`--bookings` options as the nested settings they name."""
+    settings: dict[str, Any] = {}
+    for item in given:
+        path, _, value = item.partition("=")
+        *parents, key = path.split(".")
+        node = settings
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[key] = json.loads(value)
+    return settings
+
+
 def main() -> None:
     args = arguments()
     if args.smtp_server:
@@ -938,6 +962,7 @@ def main() -> None:
         args.notifications_prefetch,
         args.queue_type,
         args.mail_timeout,
+        bookings_settings(args.bookings),
     )
     run.broker_pid = find_broker_pid()
     sink = otlp_sink() if args.traced else None

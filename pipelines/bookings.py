@@ -209,7 +209,8 @@ UPLOADS = UploadForm("bookings", ("event", "user_id"))
 @BOOKINGS.factory
 def build(settings: Settings, *, source: Path | None = None) -> HostedPipeline:
     wiring = BOOKINGS.wire(settings, source)
-    db = Database(settings.database_url.get_secret_value())
+    # A connection for every hook that may query at once, opened at start-up and kept.
+    db = Database(settings.database_url.get_secret_value(), wiring.concurrency())
     partitions = partitions_of(settings)
     notifications = NOTIFICATIONS.config(settings)
     queue = NOTIFICATIONS.queue_of(settings)

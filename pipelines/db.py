@@ -3,6 +3,8 @@ already sent, with SQLAlchemy 2 async Core (SQLite by default, PostgreSQL in com
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -175,11 +177,14 @@ class Database:
     is no transaction; code that needs one sets an isolation level first, as start() does."""
 
     def __init__(self, url: str, connections: int | None = None) -> None:
-        """`connections`: how many the pool keeps (PostgreSQL), for code that holds
-        several at once (the durable windows' claims); SQLAlchemy's default else (5)."""
+        """`connections`: how many the pool keeps (PostgreSQL), opened by `start()`: as
+        many as the hooks that query at once (the durable windows' claims hold theirs
+        for a whole flush); SQLAlchemy's default else (5, opened as needed). Beyond it
+        the pool opens up to 10 more, closed again when given back."""
         self.url = url
         parsed = make_url(url)
         dialect = parsed.get_backend_name()
+        self.connections = connections if dialect == "postgresql" else None
         if dialect not in DIALECTS:
             raise ValueError(
                 f"unsupported database {dialect!r}: use sqlite+aiosqlite or postgresql+asyncpg"
@@ -215,11 +220,22 @@ class Database:
                     await connection.exec_driver_sql(self._sql.schema_lock)
                     await connection.run_sync(metadata.create_all)
                     await connection.execute(self._insert_ignoring(users, ["id"], SEED_USERS))
+            await self._warm()
         except Exception as exc:
             where = make_url(self.url).render_as_string(hide_password=True)
             raise StartupError(
                 f"database unreachable at {where} ({type(exc).__name__}: {exc})"
             ) from exc
+
+    async def _warm(self) -> None:
+        """Open the pool's connections now, side by side, rather than one by one under
+        the first load (an asyncpg connection costs a few milliseconds of handshake)."""
+        if not self.connections:
+            return
+        async with contextlib.AsyncExitStack() as held:
+            await asyncio.gather(
+                *(held.enter_async_context(self.engine.connect()) for _ in range(self.connections))
+            )
 
     async def close(self) -> None:
         if self._group_commit is not None:

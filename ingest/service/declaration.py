@@ -150,6 +150,13 @@ class Wiring(Generic[S]):
         """`defaults` (else the declared batchers) with the settings applied."""
         return self.config.batcher_options(dict(defaults or self.declaration.batchers))
 
+    def concurrency(self) -> int:
+        """How many of the pipeline's hooks may run at once, as the settings make it: its
+        processors and its batch processors. A pool of connections the hooks share, of
+        this size, never makes one wait, nor opens and closes extra ones under load."""
+        processors = self.config.processor_options(self.declaration.processors)
+        return processors.concurrency + sum(b.concurrency for b in self.batchers().values())
+
     def pipeline(
         self,
         handlers: Handlers,

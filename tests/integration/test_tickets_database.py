@@ -285,6 +285,45 @@ async def test_connections_the_server_dropped_are_replaced_without_failing_a_cal
         await db.close()
 
 
+async def test_the_pool_opens_its_connections_at_start_and_keeps_them_under_load(
+    database_url: str,
+) -> None:
+    """As many connections as the hooks that query at once, opened by start(): a load of
+    that many concurrent calls opens none more and closes none (SQLAlchemy's default
+    pool, 5 and 10 more opened and closed on demand, churned dozens per drain)."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("a connection pool: PostgreSQL (SQLite keeps one per thread)")
+    import asyncpg
+
+    url = make_url(database_url)
+
+    async def backends() -> set[int]:
+        admin = await asyncpg.connect(
+            host=url.host, port=url.port, user=url.username, database=url.database
+        )
+        try:
+            rows = await admin.fetch(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await admin.close()
+        return {row["pid"] for row in rows}
+
+    db = Database(database_url, connections=8)
+    try:
+        await db.start()
+        opened = await backends()
+        assert len(opened) == 8
+        for round_ in range(20):
+            await asyncio.gather(
+                *(db.insert_tickets(tickets(f"pool{round_}-{i}", 5)) for i in range(8))
+            )
+        assert await backends() == opened, "no connection opened or closed under the load"
+    finally:
+        await db.close()
+
+
 async def test_sqlite_connections_keep_a_small_page_cache_and_a_durable_log(
     tmp_path: Path,
 ) -> None:
