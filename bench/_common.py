@@ -110,6 +110,13 @@ def machine_jiffies() -> tuple[float, float]:
     return float(fields[3] + fields[4]), float(sum(fields))
 
 
+def loop_schedstat() -> tuple[float, float]:
+    """Seconds this process's main thread ran, and waited on the run queue, since it
+    started (`/proc/self/schedstat`, nanoseconds)."""
+    run, waiting, _ = Path("/proc/self/schedstat").read_text().split()
+    return int(run) / 1e9, int(waiting) / 1e9
+
+
 def find_broker_pid() -> int | None:
     """RabbitMQ's Erlang VM on this machine (`beam.smp` with rabbit on its command line);
     None when the broker runs elsewhere (in a container's own pid namespace, say)."""
@@ -237,7 +244,14 @@ class Probe:
 
     def _counters(self) -> dict[str, float]:
         idle, total = machine_jiffies()
-        counters = {"service": cpu_seconds(), "machine_idle": idle, "machine_total": total}
+        run, waiting = loop_schedstat()
+        counters = {
+            "service": cpu_seconds(),
+            "machine_idle": idle,
+            "machine_total": total,
+            "loop_run": run,
+            "loop_runqueue": waiting,
+        }
         if self.broker_pid is not None:
             counters["broker"] = cpu_seconds(self.broker_pid)
         return counters
@@ -291,6 +305,13 @@ class Probe:
         row["service_busy_cores"] = round(
             (self._spent["service"] + self.workers_cpu) / max(probed, 1e-9), 2
         )
+        # The event loop's thread (this process's main thread; workers, in processes of
+        # their own, are not in it): the share of the time it ran, and waited to run (on
+        # the kernel's run queue: the cores busy with others). What is left, it waited
+        # for I/O with nothing to do.
+        if not self.workers_cpu:
+            row["loop_run_pct"] = round(100 * self._spent["loop_run"] / probed, 1)
+            row["loop_runqueue_pct"] = round(100 * self._spent["loop_runqueue"] / probed, 1)
         return {**row, **extra}
 
 

@@ -28,7 +28,9 @@ bare_aiormq of the same run), service_cpu_us_per_msg (the draining processes' ut
 broker_cpu_us_per_msg (RabbitMQ's Erlang VM over the drain, not the fill),
 machine_idle_pct (the share of all the machine's cores' time spent idle over the drain:
 the room left for more throughput; near 0, the rate is set by CPU, not by waits),
-service_busy_cores (the service's CPU seconds per second of the drain), peak_rss_mb
+service_busy_cores (the service's CPU seconds per second of the drain), loop_run_pct and
+loop_runqueue_pct (one process: the share of the drain its event loop's thread ran, and
+waited for a core; the rest it had nothing to do), peak_rss_mb
 (imported_rss_mb: the drain process's RSS once the service's modules are imported, before
 anything runs), and per scenario what it checks. Timed from the start of the drain to its
 last acknowledgement.
@@ -768,6 +770,8 @@ TABLE = (
     ("peak RSS MB", "peak_rss_mb"),
 )
 NOTES = (
+    "loop_run_pct",
+    "loop_runqueue_pct",
     "imported_rss_mb",
     "postgres_cpu_us_per_msg",
     "broker_cpu_ratio_to_confirmed_publish",
