@@ -197,7 +197,10 @@ BOOKINGS = Declaration(
     "bookings",
     queue=QUEUE,
     settings=BookingsSettings,
-    processors=Processors(concurrency=2, max_demand=50),
+    # Chunks of up to 200: one users query for each (bench/service.py, five alternated
+    # pairs on quorum queues: 51.9 against 57.1 µs of CPU per booking at 50; SQLite 65
+    # against 76-84; docs/PERFORMANCE.md). Under light load chunks are smaller anyway.
+    processors=Processors(concurrency=2, max_demand=200),
     batchers=BATCHERS,
     retry=RETRY,
     handler_timeout=10.0,
