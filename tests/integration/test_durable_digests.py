@@ -179,8 +179,11 @@ async def test_a_flusher_killed_after_sending_resends_the_same_message_id_only(
         environment = {
             "INGEST_DATABASE_URL": database_url,
             "INGEST_PIPELINES__BOOKINGS__ENABLED": "false",
-            # Windows of one: due together, closed and claimed together.
-            "INGEST_PIPELINES__NOTIFICATIONS__BATCHERS__EMAIL__BATCH_SIZE": "1",
+            # Windows of one (one notification per recipient), due together by their
+            # timeout, whenever each was stored: closed and claimed together. (Closed
+            # by size, the first could be claimed alone while the others arrive, and be
+            # done before the kill: nothing to resend.)
+            "INGEST_PIPELINES__NOTIFICATIONS__BATCHERS__EMAIL__BATCH_TIMEOUT": "2",
             "INGEST_PIPELINES__NOTIFICATIONS__BATCHERS__EMAIL__CONCURRENCY": "1",
         }
         first, second = (
