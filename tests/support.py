@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import shutil
 import socket
 import urllib.parse
 import urllib.request
@@ -168,3 +170,28 @@ async def postgres_through_a_proxy(database_url: str) -> tuple[TcpProxy, str]:
     proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
     await proxy.resume()
     return proxy, url.set(host="127.0.0.1", port=proxy.port).render_as_string(False)
+
+
+def promtool() -> str:
+    """Debian's `promtool`: skipped without it, failed in CI (`.ci/run` installs it)."""
+    found = shutil.which("promtool")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing: .ci/run installs Debian's prometheus package")
+        pytest.skip("promtool (Debian's prometheus package) is not installed")
+    return found
+
+
+async def on_the_server(database_url: str, sql: str) -> list[Any]:
+    """`sql`'s rows, run on the PostgreSQL server of `database_url` over a connection of
+    its own (beside the pool under test)."""
+    import asyncpg
+
+    url = make_url(database_url)
+    admin = await asyncpg.connect(
+        host=url.host, port=url.port, user=url.username, database=url.database
+    )
+    try:
+        return list(await admin.fetch(sql))
+    finally:
+        await admin.close()

@@ -17,6 +17,7 @@ from sqlalchemy import event, func, select, text
 from sqlalchemy.engine import make_url
 
 from pipelines.db import SQLITE_CACHE_KIB, Database, TicketRow, metadata, users
+from tests.support import on_the_server
 
 START = (
     "import asyncio, sys; from pipelines.db import Database; "
@@ -260,24 +261,16 @@ async def test_connections_the_server_dropped_are_replaced_without_failing_a_cal
     timeout) fails on first use, and the call runs once more on a new one."""
     if not database_url.startswith("postgresql"):
         pytest.skip("a database server that drops connections: PostgreSQL")
-    import asyncpg
-
-    url = make_url(database_url)
     db = Database(database_url)
     try:
         await db.start()
         await asyncio.gather(*(db.emails_of([1]) for _ in range(3)))  # pooled connections
-        admin = await asyncpg.connect(
-            host=url.host, port=url.port, user=url.username, database=url.database
+        [dropped] = await on_the_server(
+            database_url,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()",
         )
-        try:
-            dropped = await admin.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-        finally:
-            await admin.close()
-        assert dropped >= 1
+        assert dropped[0] >= 1
         assert await db.emails_of([1, 2]) == {1: EMAILS[1], 2: EMAILS[2]}
         await db.insert_tickets(tickets("after-drop", 3))
         assert await db.count_tickets() == 3
@@ -293,21 +286,13 @@ async def test_the_pool_opens_its_connections_at_start_and_keeps_them_under_load
     pool, 5 and 10 more opened and closed on demand, churned dozens per drain)."""
     if not database_url.startswith("postgresql"):
         pytest.skip("a connection pool: PostgreSQL (SQLite keeps one per thread)")
-    import asyncpg
-
-    url = make_url(database_url)
 
     async def backends() -> set[int]:
-        admin = await asyncpg.connect(
-            host=url.host, port=url.port, user=url.username, database=url.database
+        rows = await on_the_server(
+            database_url,
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()",
         )
-        try:
-            rows = await admin.fetch(
-                "SELECT pid FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-        finally:
-            await admin.close()
         return {row["pid"] for row in rows}
 
     db = Database(database_url, connections=8)

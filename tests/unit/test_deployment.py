@@ -4,7 +4,6 @@ Dockerfile, Prometheus' targets, the RabbitMQ definitions and the environment th
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ from ingest.rabbitmq import RabbitMQProducer, retry_queue_name
 from ingest.service import tracing
 from ingest.service.hosting import build, settings_models
 from ingest.service.settings import CircuitBreakerSettings, PipelineSettings, Settings
+from tests.support import promtool
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -247,15 +247,11 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 def test_the_alerting_rules_are_valid_and_fire_as_their_tests_say() -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is missing: .ci/run installs Debian's prometheus package")
-        pytest.skip("promtool (Debian's prometheus package) is not installed")
+    tool = promtool()
     rules = ROOT / "config" / "prometheus"
     for command in (["check", "rules", "alerts.yml"], ["test", "rules", "alerts.test.yml"]):
         done = subprocess.run(
-            [promtool, *command], cwd=rules, capture_output=True, text=True, check=False
+            [tool, *command], cwd=rules, capture_output=True, text=True, check=False
         )
         assert done.returncode == 0, done.stdout + done.stderr
 

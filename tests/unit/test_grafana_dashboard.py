@@ -7,9 +7,7 @@ tests/integration/test_grafana_dashboard.py's."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -17,6 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.support import promtool
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "config" / "grafana"
@@ -192,19 +192,10 @@ def test_compose_provisions_grafana_with_the_dashboard_as_its_home() -> None:
     assert environment["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
 
 
-def _promtool() -> str:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is missing: .ci/run installs Debian's prometheus package")
-        pytest.skip("promtool (Debian's prometheus package) is not installed")
-    return promtool
-
-
 def test_every_query_is_valid_promql(tmp_path: Path) -> None:
     """Each panel's expressions, the annotation's and the variables' selectors, with the
     variables expanded as Grafana does, parsed by promtool as recording rules."""
-    promtool = _promtool()
+    tool = promtool()
     dashboard = load_dashboard()
     variables = example_expansion(dashboard)
     rules = []
@@ -223,7 +214,7 @@ def test_every_query_is_valid_promql(tmp_path: Path) -> None:
     path = tmp_path / "dashboard.rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     done = subprocess.run(
-        [promtool, "check", "rules", "--lint=none", str(path)],
+        [tool, "check", "rules", "--lint=none", str(path)],
         capture_output=True,
         text=True,
         check=False,
@@ -233,7 +224,7 @@ def test_every_query_is_valid_promql(tmp_path: Path) -> None:
 
 def test_the_prometheus_config_is_valid() -> None:
     done = subprocess.run(
-        [_promtool(), "check", "config", "--syntax-only", str(PROMETHEUS_FILE)],
+        [promtool(), "check", "config", "--syntax-only", str(PROMETHEUS_FILE)],
         capture_output=True,
         text=True,
         check=False,
