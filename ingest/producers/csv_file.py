@@ -31,9 +31,10 @@ class CsvFileProducer:
     inside quotes), and a `message_id` of `<file name>:<line>`, so running the same file
     twice creates nothing twice. Rows that fail are written, with their reason, to
     `<file>.errors.csv` (`line,row,reason`; cells a spreadsheet would take for a formula
-    are neutralised, see `spreadsheet_safe`). `finished` is set once every row was
-    settled. With `header=True` the first row is a header and no message. A UTF-8 byte
-    order mark (what spreadsheets write) is skipped.
+    are neutralised, see `spreadsheet_safe`). `finished` is set once the file was read
+    to its end and every row settled, and only then: a file whose reading a drain stopped
+    is not finished (whoever runs it reads it again). With `header=True` the first row is
+    a header and no message. A UTF-8 byte order mark (what spreadsheets write) is skipped.
     """
 
     def __init__(
@@ -46,7 +47,7 @@ class CsvFileProducer:
         self.read = 0
         self.successful = 0
         self.failed = 0
-        self._done_reading = False
+        self._read_to_end = False  # not when a drain stopped the reading: nothing is finished
         self._draining = False
         self._flowing = asyncio.Event()  # cleared while paused
         self._flowing.set()
@@ -60,7 +61,7 @@ class CsvFileProducer:
         if not self.path.is_file():
             raise FileNotFoundError(f"no such file: {self.path}")
         self.read = self.successful = self.failed = 0
-        self._done_reading = self._draining = False
+        self._read_to_end = self._draining = False
         self._close_errors()
         self._task = sink.spawn(self._feed(sink), f"csv-{self.path.name}")
 
@@ -68,10 +69,13 @@ class CsvFileProducer:
         rows = _rows_of(self.path)
         if self.header:
             await asyncio.to_thread(_take, rows, 1)
-        while not self._draining:
-            await self._flowing.wait()  # drain() sets it too: the loop's test ends it
-            chunk = await asyncio.to_thread(_take, rows, _CHUNK) if not self._draining else []
+        while True:
+            await self._flowing.wait()  # drain() sets it too
+            if self._draining:
+                break
+            chunk = await asyncio.to_thread(_take, rows, _CHUNK)
             if not chunk:
+                self._read_to_end = True
                 break
             messages = [
                 Message(
@@ -87,7 +91,6 @@ class CsvFileProducer:
                 await sink.push(messages)
             except BufferClosed:
                 break
-        self._done_reading = True
         self._check_finished()
 
     async def ack(self, successful: list[Message], failed: list[Message]) -> None:
@@ -113,7 +116,7 @@ class CsvFileProducer:
         return ack_data
 
     def _check_finished(self) -> None:
-        if self._done_reading and self.successful + self.failed >= self.read:
+        if self._read_to_end and self.successful + self.failed >= self.read:
             self.finished.set()
 
     async def pause(self) -> None:
