@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import http.server
 import importlib
 import json
@@ -226,7 +227,7 @@ async def hosted(
 ) -> None:
     """Run the pipeline as `ingest run` builds it until `progress` is done (or `stop()`),
     then call `stopped` before anything is torn down."""
-    from ingest.service import tracing
+    from ingest.service import garbage, tracing
     from ingest.service.hosting import build
     from ingest.service.logging import FAILURE_EVENTS, log_failures
     from ingest.service.metrics import Metrics
@@ -264,6 +265,7 @@ async def hosted(
             progress.on_event, kinds={"processor.start", "processor.stop", "ack"}
         )
         async with item.pipeline:
+            garbage.settle()  # as `serve()` does once the pipelines run
             if stop is None:
                 await progress.done.wait()
             else:
@@ -418,14 +420,39 @@ def run_drain(scenario: str, drain: Drain, broker_pid: int | None) -> dict[str, 
     postgres = drain.database_url if drain.database_url.startswith("postgresql") else None
     probe = Probe(broker_pid, postgres)
 
+    collecting = GarbageTime()
+
     async def measured() -> dict[str, Any]:
         await probe.start()
-        extra = await DRAINS[scenario](drain, probe)
+        with collecting:
+            extra = await DRAINS[scenario](drain, probe)
         await probe.stop()
-        return extra
+        return {**extra, "gc_s": round(collecting.seconds, 3)}
 
     result = probe.result(drain.count, uvloop.run(measured()))
     return {"scenario": scenario, **result, "imported_rss_mb": round(imported, 1)}
+
+
+class GarbageTime:
+    """The seconds CPython's garbage collector ran in this process while in the block
+    (through `gc.callbacks`; forked workers count their own)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def __enter__(self) -> GarbageTime:
+        gc.callbacks.append(self._on_collection)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        gc.callbacks.remove(self._on_collection)
+
+    def _on_collection(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
 
 
 # --- the run: fill, drain in a fresh process, check, clean up ---
@@ -772,6 +799,7 @@ TABLE = (
 NOTES = (
     "loop_run_pct",
     "loop_runqueue_pct",
+    "gc_s",
     "imported_rss_mb",
     "postgres_cpu_us_per_msg",
     "broker_cpu_ratio_to_confirmed_publish",

@@ -44,7 +44,10 @@ class ProducerStats:
     dropped_stale_delivery: int = 0
     # Deliveries that arrived after the drain began, left to the broker.
     not_taken_while_draining: int = 0
+    # Ack frames sent: one covering every tag up to its own, or one for a single message
+    # (a message done long before older ones, or when half the prefetch waits).
     multiple_ack_frames: int = 0
+    single_ack_frames: int = 0
     # Failed messages dead-lettered because their properties could not be copied as they
     # were (e.g. a header holding a long string that is not UTF-8).
     uncopyable_headers: int = 0

@@ -14,7 +14,7 @@ import structlog
 
 from ingest.exceptions import ConfigurationError, PipelineFailed, StartupError
 from ingest.pipeline import Pipeline
-from ingest.service import dlq, tracing
+from ingest.service import dlq, garbage, tracing
 from ingest.service.activity import Activity, snapshot
 from ingest.service.hosted import DeclaresSettings, HostedPipeline, PipelineFactory
 from ingest.service.logging import FAILURE_EVENTS, log_failures
@@ -121,6 +121,7 @@ async def serve(
         for item in hosted.values():
             await item.pipeline.start()
         waiters = _ends(hosted, stop, uploading)
+        garbage.settle()
         logger.info("running", pipelines=list(hosted))
         if started is not None:
             started.set()

@@ -206,7 +206,8 @@ class _PipelineCollector(Collector):
         )
         producer = CounterMetricFamily(
             "ingest_producer_events",
-            "Producer events: connection_losses, reconnects, dropped_stale, multiple_ack_frames",
+            "Producer events: connection_losses, reconnects, dropped_stale, multiple_ack_frames, "
+            "single_ack_frames",
             labels=["pipeline", "event"],
         )
         for name, watched in self._watched.items():

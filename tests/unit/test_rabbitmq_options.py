@@ -47,7 +47,9 @@ def test_a_prefetch_too_small_for_the_batchers_is_refused_with_what_to_raise() -
 def test_without_a_prefetch_one_the_batchers_can_fill_is_chosen() -> None:
     producer = RabbitMQProducer(RabbitMQOptions(queue="q"))
     Pipeline("bookings", Routes(), producer, batchers=THREE_BATCHERS)
-    assert producer.prefetch_count == 450  # a batch in each batch processor, one filling
+    # A batch in each batch processor and one filling, the processor's demand (10), and
+    # as much again for acknowledgements waiting to go in one frame.
+    assert producer.prefetch_count == 2 * (450 + 10)
 
 
 def test_the_chosen_prefetch_has_room_for_every_batch_processor() -> None:
@@ -57,7 +59,7 @@ def test_the_chosen_prefetch_has_room_for_every_batch_processor() -> None:
     }
     producer = RabbitMQProducer(RabbitMQOptions(queue="q"))
     Pipeline("bookings", Routes(), producer, batchers=batchers)
-    assert producer.prefetch_count == 3 * 75 + 4 * 100
+    assert producer.prefetch_count == 2 * (3 * 75 + 4 * 100 + 10)
 
 
 def test_the_pipeline_intake_holds_everything_the_broker_may_send() -> None:

@@ -1,0 +1,42 @@
+"""The service's garbage collector settings: what start-up left is frozen, and a reference
+cycle made afterwards is still collected without anyone calling `gc.collect()`."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+
+import pytest
+
+from ingest.service import garbage
+
+
+@pytest.fixture
+def settled() -> Iterator[None]:
+    thresholds = gc.get_threshold()
+    garbage.settle()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
+class Node:
+    def __init__(self) -> None:
+        self.other: Node | None = None
+
+
+def test_what_lives_at_start_up_is_frozen(settled: None) -> None:
+    assert gc.get_freeze_count() > 1000
+    assert gc.get_threshold() == garbage.THRESHOLDS
+
+
+def test_a_cycle_made_afterwards_is_collected_by_the_young_generation(settled: None) -> None:
+    first, second = Node(), Node()
+    first.other, second.other = second, first
+    collected = weakref.finalize(first, lambda: None)
+    del first, second
+    assert collected.alive  # only the collector can free a cycle
+    kept = [[] for _ in range(garbage.THRESHOLDS[0] + 1)]  # allocations that trigger it
+    assert not collected.alive
+    assert len(kept) > garbage.THRESHOLDS[0]
