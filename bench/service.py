@@ -224,9 +224,10 @@ async def hosted(
     progress: Progress,
     stopped: Callable[[], Awaitable[None]],
     stop: Callable[[], bool] | None = None,
-) -> None:
+) -> dict[str, int]:
     """Run the pipeline as `ingest run` builds it until `progress` is done (or `stop()`),
-    then call `stopped` before anything is torn down."""
+    then call `stopped` before anything is torn down. Return the ack frames its producer
+    sent, of each kind."""
     from ingest.service import garbage, tracing
     from ingest.service.hosting import build
     from ingest.service.logging import FAILURE_EVENTS, log_failures
@@ -275,12 +276,14 @@ async def hosted(
     finally:
         await item.shutdown()
         tracing.uninstall()
+    events = item.stats.events() if item.stats is not None else {}
+    return {name: events[name] for name in ACK_FRAMES if name in events}
 
 
 async def bookings(drain: Drain, probe: Probe) -> dict[str, Any]:
     progress = Progress(drain.count)
-    await hosted(drain, progress, probe.stop)
-    return {"failed": progress.failed, **await bookings_outcome(drain)}
+    frames = await hosted(drain, progress, probe.stop)
+    return {"failed": progress.failed, **frames, **await bookings_outcome(drain)}
 
 
 async def bookings_outcome(drain: Drain) -> dict[str, Any]:
@@ -786,6 +789,8 @@ def mail_figures(job: Job, first_delivery_at: float) -> dict[str, Any]:
     return figures
 
 
+# The acknowledger's frames (bookings): one settling a run of delivery tags, one each.
+ACK_FRAMES = ("multiple_ack_frames", "single_ack_frames")
 TABLE = (
     ("scenario", "scenario"),
     ("msgs/s", "msgs_per_s"),
@@ -800,6 +805,7 @@ NOTES = (
     "loop_run_pct",
     "loop_runqueue_pct",
     "gc_s",
+    *ACK_FRAMES,
     "imported_rss_mb",
     "postgres_cpu_us_per_msg",
     "broker_cpu_ratio_to_confirmed_publish",

@@ -111,18 +111,19 @@ class PipelineShape:
 
     def default_bound(self) -> int:
         """A bound to pick when none is given: room for a batch in every batch processor
-        and one more filling in every batcher, and for every processor's demand, twice
-        over. The second half is for messages done but not yet acknowledged: a connector
-        may hold their acks a moment so that one frame settles many (RabbitMQ's, until
-        the messages of older batches are done too), and they count against the bound
-        meanwhile (bench/service.py: bookings at 2,150 rather than 675 spent 8 µs less
-        broker CPU per message, docs/PERFORMANCE.md)."""
+        and one more filling in every batcher, and for every processor's demand, and
+        twice as much again for messages done but not yet acknowledged: a connector may
+        hold their acks a moment so that one frame settles many (RabbitMQ's, until the
+        messages of older batches are done too), and they count against the bound
+        meanwhile. Measured on the bookings (bench/service.py, docs/PERFORMANCE.md): with
+        as much again (2,150), half of it was often pending and 7-15 % of the acks went
+        one frame each; with twice as much (3,225), 0.1-3 %."""
         processors = self.processors
         in_flight = sum(
             (batcher.concurrency + 1) * (batcher.holds_deliveries or 0)
             for batcher in self.batchers.values()
         )
-        return min(65535, max(50, 2 * (in_flight + processors.concurrency * processors.max_demand)))
+        return min(65535, max(50, 3 * (in_flight + processors.concurrency * processors.max_demand)))
 
     def check_bound(self, bound: int, option: str) -> None:
         """ValueError, naming `option` and the number to raise it to, when one batch of

@@ -48,8 +48,8 @@ def test_without_a_prefetch_one_the_batchers_can_fill_is_chosen() -> None:
     producer = RabbitMQProducer(RabbitMQOptions(queue="q"))
     Pipeline("bookings", Routes(), producer, batchers=THREE_BATCHERS)
     # A batch in each batch processor and one filling, the processor's demand (10), and
-    # as much again for acknowledgements waiting to go in one frame.
-    assert producer.prefetch_count == 2 * (450 + 10)
+    # twice as much again for acknowledgements waiting to go in one frame.
+    assert producer.prefetch_count == 3 * (450 + 10)
 
 
 def test_the_chosen_prefetch_has_room_for_every_batch_processor() -> None:
@@ -59,7 +59,7 @@ def test_the_chosen_prefetch_has_room_for_every_batch_processor() -> None:
     }
     producer = RabbitMQProducer(RabbitMQOptions(queue="q"))
     Pipeline("bookings", Routes(), producer, batchers=batchers)
-    assert producer.prefetch_count == 2 * (3 * 75 + 4 * 100 + 10)
+    assert producer.prefetch_count == 3 * (3 * 75 + 4 * 100 + 10)
 
 
 def test_the_pipeline_intake_holds_everything_the_broker_may_send() -> None:
