@@ -117,7 +117,7 @@ class PipelineShape:
         messages of older batches are done too), and they count against the bound
         meanwhile. Measured on the bookings (bench/service.py, docs/PERFORMANCE.md): with
         as much again (2,150), half of it was often pending and 7-15 % of the acks went
-        one frame each; with twice as much (3,225), 0.1-3 %."""
+        one frame each; with twice as much (3,225), under 3 %."""
         processors = self.processors
         in_flight = sum(
             (batcher.concurrency + 1) * (batcher.holds_deliveries or 0)

@@ -10,7 +10,8 @@ from typing import Any
 import aiormq
 import pytest
 
-from ingest import Batcher, BatchInfo, Handlers, Message
+from ingest import Batcher, BatchInfo, Handlers, Message, Pipeline
+from ingest.rabbitmq import RabbitMQProducer
 from ingest.rabbitmq.acknowledger import ChannelAcknowledger
 
 from .conftest import MakeRabbitPipeline, eventually, publish, queue_depth
@@ -32,13 +33,44 @@ class OldFirst(Handlers):
         return messages
 
 
-def batchers(slow_timeout: float) -> dict[str, Any]:
-    return {
-        "batchers": {
+class Run:
+    """A pipeline of `OldFirst` given b"old" and then `newer` other messages, with acks
+    held up to `hold` seconds and the "slow" batch closing after `slow_timeout`."""
+
+    def __init__(self, pipeline: Pipeline, producer: RabbitMQProducer, handlers: OldFirst):
+        self.pipeline, self.producer, self.handlers = pipeline, producer, handlers
+        self.stats = producer.stats
+
+    @classmethod
+    async def start(
+        cls,
+        make: MakeRabbitPipeline,
+        amqp: aiormq.abc.AbstractChannel,
+        queue: str,
+        monkeypatch: pytest.MonkeyPatch,
+        *,
+        hold: float,
+        slow_timeout: float,
+        newer: int,
+        **options: Any,
+    ) -> Run:
+        monkeypatch.setattr(ChannelAcknowledger, "ACK_HOLD", hold)
+        batchers = {
             "slow": Batcher(batch_size=10, batch_timeout=slow_timeout),
             "fast": Batcher(batch_size=1),
         }
-    }
+        handlers = OldFirst()
+        pipeline, producer = await make(handlers, {"batchers": batchers}, **options)
+        await publish(amqp, queue, b"old", *(b"new%d" % i for i in range(newer)))
+        return cls(pipeline, producer, handlers)
+
+    async def stop_with_nothing_left(self, amqp: aiormq.abc.AbstractChannel, queue: str) -> None:
+        """Stopped (the drain flushes the open batch and sends every pending ack), the
+        queue is empty, and no ack was refused: the broker would have closed the channel
+        and redelivered."""
+        await self.pipeline.stop()
+        assert await queue_depth(amqp, queue) == 0
+        assert (self.stats.connection_losses, self.handlers.redelivered) == (0, 0)
 
 
 async def test_acks_wait_for_an_older_message_and_go_in_one_frame(
@@ -47,20 +79,16 @@ async def test_acks_wait_for_an_older_message_and_go_in_one_frame(
     queue_name: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(ChannelAcknowledger, "ACK_HOLD", 60.0)
-    handlers = OldFirst()
-    pipeline, producer = await make_rabbit_pipeline(handlers, batchers(slow_timeout=0.3))
-    await publish(amqp, queue_name, b"old", *(b"new%d" % i for i in range(20)))
+    run = await Run.start(
+        make_rabbit_pipeline, amqp, queue_name, monkeypatch, hold=60, slow_timeout=0.3, newer=20
+    )
 
     async def all_acked() -> bool:
-        stats = producer.stats
-        return stats.ack == 21 and stats.multiple_ack_frames >= 1
+        return run.stats.ack == 21 and run.stats.multiple_ack_frames >= 1
 
     await eventually(all_acked)
-    assert producer.stats.single_ack_frames == 0
-    await pipeline.stop()
-    assert await queue_depth(amqp, queue_name) == 0
-    assert (producer.stats.connection_losses, handlers.redelivered) == (0, 0)
+    assert run.stats.single_ack_frames == 0
+    await run.stop_with_nothing_left(amqp, queue_name)
 
 
 async def test_an_ack_held_past_ack_hold_goes_alone(
@@ -69,19 +97,16 @@ async def test_an_ack_held_past_ack_hold_goes_alone(
     queue_name: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(ChannelAcknowledger, "ACK_HOLD", 0.05)
-    handlers = OldFirst()
-    pipeline, producer = await make_rabbit_pipeline(handlers, batchers(slow_timeout=30.0))
-    await publish(amqp, queue_name, b"old", *(b"new%d" % i for i in range(20)))
+    run = await Run.start(
+        make_rabbit_pipeline, amqp, queue_name, monkeypatch, hold=0.05, slow_timeout=30, newer=20
+    )
 
     async def newer_ones_acked() -> bool:
-        return producer.stats.single_ack_frames == 20
+        return run.stats.single_ack_frames == 20
 
     await eventually(newer_ones_acked)
-    assert producer.stats.ack == 20  # "old" is still in its open batch
-    await pipeline.stop()  # the drain flushes that batch, and its ack goes
-    assert await queue_depth(amqp, queue_name) == 0
-    assert (producer.stats.connection_losses, handlers.redelivered) == (0, 0)
+    assert run.stats.ack == 20  # "old" is still in its open batch
+    await run.stop_with_nothing_left(amqp, queue_name)
 
 
 async def test_half_the_prefetch_waiting_sends_every_pending_ack(
@@ -90,20 +115,22 @@ async def test_half_the_prefetch_waiting_sends_every_pending_ack(
     queue_name: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(ChannelAcknowledger, "ACK_HOLD", 60.0)
-    handlers = OldFirst()
-    pipeline, producer = await make_rabbit_pipeline(
-        handlers, batchers(slow_timeout=30.0), prefetch_count=40
+    run = await Run.start(
+        make_rabbit_pipeline,
+        amqp,
+        queue_name,
+        monkeypatch,
+        hold=60,
+        slow_timeout=30,
+        newer=30,
+        prefetch_count=40,
     )
-    await publish(amqp, queue_name, b"old", *(b"new%d" % i for i in range(30)))
 
     async def thirty_acked() -> bool:
-        return producer.stats.ack == 30
+        return run.stats.ack == 30
 
     await eventually(thirty_acked)
     # The 20th pending ack reached half the prefetch: those 20 went, one frame each; the
     # other 10 wait for "old" (held up to ACK_HOLD, a minute here).
-    assert (producer.stats.single_ack_frames, producer.stats.multiple_ack_frames) == (20, 0)
-    await pipeline.stop()
-    assert await queue_depth(amqp, queue_name) == 0
-    assert (producer.stats.connection_losses, handlers.redelivered) == (0, 0)
+    assert (run.stats.single_ack_frames, run.stats.multiple_ack_frames) == (20, 0)
+    await run.stop_with_nothing_left(amqp, queue_name)
