@@ -125,7 +125,8 @@ async def serve(
         logger.info("running", pipelines=list(hosted))
         if started is not None:
             started.set()
-        await first_of(*waiters)
+        async with garbage.kept_settled():
+            await first_of(*waiters)
         failed = [item.pipeline for item in hosted.values() if item.pipeline.state == "failed"]
         logger.info("stopping", signal=stop.is_set(), failed=[p.name for p in failed])
     finally:
