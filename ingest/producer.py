@@ -115,9 +115,9 @@ class PipelineShape:
         twice as much again for messages done but not yet acknowledged: a connector may
         hold their acks a moment so that one frame settles many (RabbitMQ's, until the
         messages of older batches are done too), and they count against the bound
-        meanwhile. Measured on the bookings (bench/service.py, docs/PERFORMANCE.md): with
-        as much again (2,150), half of it was often pending and 7-15 % of the acks went
-        one frame each; with twice as much (3,225), under 3 %."""
+        meanwhile. Measured with three batchers of 50-100 (bench/service.py,
+        docs/PERFORMANCE.md, issue 23): with as much again, half of it was often pending
+        and 7-15 % of the acks went one frame each; with twice as much, under 3 %."""
         processors = self.processors
         in_flight = sum(
             (batcher.concurrency + 1) * (batcher.holds_deliveries or 0)

@@ -86,9 +86,10 @@ class ChannelAcknowledger:
     prefetch is pending, every pending ack goes at once, so that the broker's window stays
     open. Rejects go at once, with the pending acks below them. All frames of one write go
     out together. (A frame per ack costs the broker: on a quorum queue each is a command
-    in its log. Before this hold, 29 % of the bookings' acks went alone; with it, and the
-    larger default prefetch that leaves room for it, RabbitMQ spent 9 % less CPU per
-    booking on quorum queues, docs/PERFORMANCE.md.)
+    in its log. With three batchers filling at different speeds, 29 % of the acks went
+    alone before this hold; with it, and the larger default prefetch that leaves room for
+    it, RabbitMQ spent 9 % less CPU per message on quorum queues: docs/PERFORMANCE.md,
+    issue 23.)
 
     Acks for a channel that has closed are dropped and counted: the broker redelivers those
     messages, and an ack on another channel would be an error.

@@ -11,10 +11,11 @@ after the broker went away, a restarted pipeline's stages) are only freed by ref
 counting: those in a reference cycle wait for `kept_settled`, which thaws, collects and
 freezes again every REFREEZE_INTERVAL_S seconds while the service runs.
 
-Measured with `bench/service.py` on a bookings drain (100,000 bookings, one process, the
-collector timed through `gc.callbacks`, its `gc_s` column): the collections took
+Measured with `bench/service.py` on a drain of 100,000 messages through three batchers
+into a database (one process, the collector timed through `gc.callbacks`, its `gc_s`
+column; docs/PERFORMANCE.md, issue 23): the collections took
 0.6-1.5 s of a 10-14 s drain with CPython's defaults, the 9-11 full ones each walking
-those 97,000 objects, and 0.04-0.13 s set as here (docs/PERFORMANCE.md).
+those 97,000 objects, and 0.04-0.13 s set as here.
 """
 
 from __future__ import annotations

@@ -5,13 +5,14 @@ tags, are done at once."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiormq
 import pytest
 
 from ingest import Batcher, BatchInfo, Handlers, Message, Pipeline
-from ingest.rabbitmq import RabbitMQProducer
+from ingest.rabbitmq import ProducerStats, RabbitMQProducer
 from ingest.rabbitmq.acknowledger import ChannelAcknowledger
 
 from .conftest import MakeRabbitPipeline, eventually, publish, queue_depth
@@ -34,103 +35,81 @@ class OldFirst(Handlers):
 
 
 class Run:
-    """A pipeline of `OldFirst` given b"old" and then `newer` other messages, with acks
-    held up to `hold` seconds and the "slow" batch closing after `slow_timeout`."""
+    """A pipeline of `OldFirst`, given b"old" and then newer messages; its producer's
+    counters in `stats`."""
 
-    def __init__(self, pipeline: Pipeline, producer: RabbitMQProducer, handlers: OldFirst):
-        self.pipeline, self.producer, self.handlers = pipeline, producer, handlers
-        self.stats = producer.stats
-
-    @classmethod
-    async def start(
-        cls,
-        make: MakeRabbitPipeline,
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        producer: RabbitMQProducer,
+        handlers: OldFirst,
         amqp: aiormq.abc.AbstractChannel,
         queue: str,
-        monkeypatch: pytest.MonkeyPatch,
-        *,
-        hold: float,
-        slow_timeout: float,
-        newer: int,
-        **options: Any,
-    ) -> Run:
+    ) -> None:
+        self.pipeline, self.handlers, self.amqp, self.queue = pipeline, handlers, amqp, queue
+        self.stats = producer.stats
+
+    async def until(self, reached: Callable[[ProducerStats], bool]) -> None:
+        async def check() -> bool:
+            return reached(self.stats)
+
+        await eventually(check)
+
+    async def stop_with_nothing_left(self) -> None:
+        """Stopped (the drain flushes the open batch and sends every pending ack), the
+        queue is empty, and no ack was refused: the broker would have closed the channel
+        and redelivered."""
+        await self.pipeline.stop()
+        assert await queue_depth(self.amqp, self.queue) == 0
+        assert (self.stats.connection_losses, self.handlers.redelivered) == (0, 0)
+
+
+StartRun = Callable[..., Awaitable[Run]]
+
+
+@pytest.fixture
+def old_first(
+    make_rabbit_pipeline: MakeRabbitPipeline,
+    amqp: aiormq.abc.AbstractChannel,
+    queue_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> StartRun:
+    """`await old_first(hold=, slow_timeout=, newer=, **producer_options)`: acks held up
+    to `hold` seconds, the "slow" batch closing after `slow_timeout`, b"old" published
+    and then `newer` other messages."""
+
+    async def start(*, hold: float, slow_timeout: float, newer: int, **options: Any) -> Run:
         monkeypatch.setattr(ChannelAcknowledger, "ACK_HOLD", hold)
         batchers = {
             "slow": Batcher(batch_size=10, batch_timeout=slow_timeout),
             "fast": Batcher(batch_size=1),
         }
         handlers = OldFirst()
-        pipeline, producer = await make(handlers, {"batchers": batchers}, **options)
-        await publish(amqp, queue, b"old", *(b"new%d" % i for i in range(newer)))
-        return cls(pipeline, producer, handlers)
+        pipeline, producer = await make_rabbit_pipeline(handlers, {"batchers": batchers}, **options)
+        await publish(amqp, queue_name, b"old", *(b"new%d" % i for i in range(newer)))
+        return Run(pipeline, producer, handlers, amqp, queue_name)
 
-    async def stop_with_nothing_left(self, amqp: aiormq.abc.AbstractChannel, queue: str) -> None:
-        """Stopped (the drain flushes the open batch and sends every pending ack), the
-        queue is empty, and no ack was refused: the broker would have closed the channel
-        and redelivered."""
-        await self.pipeline.stop()
-        assert await queue_depth(amqp, queue) == 0
-        assert (self.stats.connection_losses, self.handlers.redelivered) == (0, 0)
+    return start
 
 
-async def test_acks_wait_for_an_older_message_and_go_in_one_frame(
-    make_rabbit_pipeline: MakeRabbitPipeline,
-    amqp: aiormq.abc.AbstractChannel,
-    queue_name: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    run = await Run.start(
-        make_rabbit_pipeline, amqp, queue_name, monkeypatch, hold=60, slow_timeout=0.3, newer=20
-    )
-
-    async def all_acked() -> bool:
-        return run.stats.ack == 21 and run.stats.multiple_ack_frames >= 1
-
-    await eventually(all_acked)
+async def test_acks_wait_for_an_older_message_and_go_in_one_frame(old_first: StartRun) -> None:
+    run = await old_first(hold=60, slow_timeout=0.3, newer=20)
+    await run.until(lambda stats: stats.ack == 21 and stats.multiple_ack_frames >= 1)
     assert run.stats.single_ack_frames == 0
-    await run.stop_with_nothing_left(amqp, queue_name)
+    await run.stop_with_nothing_left()
 
 
-async def test_an_ack_held_past_ack_hold_goes_alone(
-    make_rabbit_pipeline: MakeRabbitPipeline,
-    amqp: aiormq.abc.AbstractChannel,
-    queue_name: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    run = await Run.start(
-        make_rabbit_pipeline, amqp, queue_name, monkeypatch, hold=0.05, slow_timeout=30, newer=20
-    )
-
-    async def newer_ones_acked() -> bool:
-        return run.stats.single_ack_frames == 20
-
-    await eventually(newer_ones_acked)
+async def test_an_ack_held_past_ack_hold_goes_alone(old_first: StartRun) -> None:
+    run = await old_first(hold=0.05, slow_timeout=30, newer=20)
+    await run.until(lambda stats: stats.single_ack_frames == 20)
     assert run.stats.ack == 20  # "old" is still in its open batch
-    await run.stop_with_nothing_left(amqp, queue_name)
+    await run.stop_with_nothing_left()
 
 
-async def test_half_the_prefetch_waiting_sends_every_pending_ack(
-    make_rabbit_pipeline: MakeRabbitPipeline,
-    amqp: aiormq.abc.AbstractChannel,
-    queue_name: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    run = await Run.start(
-        make_rabbit_pipeline,
-        amqp,
-        queue_name,
-        monkeypatch,
-        hold=60,
-        slow_timeout=30,
-        newer=30,
-        prefetch_count=40,
-    )
-
-    async def thirty_acked() -> bool:
-        return run.stats.ack == 30
-
-    await eventually(thirty_acked)
+async def test_half_the_prefetch_waiting_sends_every_pending_ack(old_first: StartRun) -> None:
+    run = await old_first(hold=60, slow_timeout=30, newer=30, prefetch_count=40)
+    await run.until(lambda stats: stats.ack == 30)
     # The 20th pending ack reached half the prefetch: those 20 went, one frame each; the
     # other 10 wait for "old" (held up to ACK_HOLD, a minute here).
     assert (run.stats.single_ack_frames, run.stats.multiple_ack_frames) == (20, 0)
-    await run.stop_with_nothing_left(amqp, queue_name)
+    await run.stop_with_nothing_left()
