@@ -241,6 +241,7 @@ class Probe:
         self._start: dict[str, float] = {}
         self._backends: dict[int, float] = {}
         self._spent: dict[str, float] = {}
+        self._steady: list[dict[str, float]] = []  # the counters at 10 % and 90 % settled
 
     def _counters(self) -> dict[str, float]:
         idle, total = machine_jiffies()
@@ -261,6 +262,17 @@ class Probe:
             self._backends = await postgres_backends(self.postgres_url)
         self._start = self._counters()
         self.started_at = time.perf_counter()
+
+    def settled(self, done: int, count: int) -> None:
+        """Told as the drain's messages are settled: the counters once a tenth and once
+        nine tenths of them were, the drain's steady part. It leaves out the start (the
+        consumer starting, the first batches filling) and the end, where the last batches
+        wait for their timeout with the cores idle: a queue with a backlog runs as in the
+        steady part for as long as the backlog lasts."""
+        marks = (0.1, 0.9)
+        if len(self._steady) < len(marks) and done >= marks[len(self._steady)] * count:
+            counters = self._counters()
+            self._steady.append({**counters, "at": time.perf_counter(), "settled": done})
 
     async def stop(self) -> None:
         """Idempotent: a drain calls it on its last acknowledgement, the runner after."""
@@ -312,7 +324,27 @@ class Probe:
         if not self.workers_cpu:
             row["loop_run_pct"] = round(100 * self._spent["loop_run"] / probed, 1)
             row["loop_runqueue_pct"] = round(100 * self._spent["loop_runqueue"] / probed, 1)
-        return {**row, **extra}
+        return {**row, **self._steady_figures(), **extra}
+
+    def _steady_figures(self) -> dict[str, float]:
+        """The rate, machine idle and (one process) the loop's shares between 10 % and 90 %
+        settled; none when the drain did not report its progress."""
+        if len(self._steady) < 2:
+            return {}
+        first, last = self._steady
+        seconds = last["at"] - first["at"]
+        spent = {k: last[k] - first[k] for k in first}
+        figures = {
+            "steady_msgs_per_s": round(spent["settled"] / seconds),
+            "steady_machine_idle_pct": round(
+                100 * spent["machine_idle"] / max(spent["machine_total"], 1), 1
+            ),
+        }
+        if not self.workers_cpu:  # the workers' CPU and loops are in their own processes
+            figures["steady_service_busy_cores"] = round(spent["service"] / seconds, 2)
+            figures["steady_loop_run_pct"] = round(100 * spent["loop_run"] / seconds, 1)
+            figures["steady_loop_runqueue_pct"] = round(100 * spent["loop_runqueue"] / seconds, 1)
+        return figures
 
 
 @contextlib.asynccontextmanager

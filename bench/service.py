@@ -281,7 +281,7 @@ async def hosted(
 
 
 async def bookings(drain: Drain, probe: Probe) -> dict[str, Any]:
-    progress = Progress(drain.count)
+    progress = Progress(drain.count, lambda _: probe.settled(progress.settled, drain.count))
     frames = await hosted(drain, progress, probe.stop)
     return {"failed": progress.failed, **frames, **await bookings_outcome(drain)}
 
@@ -331,6 +331,7 @@ async def bookings_two_workers(drain: Drain, probe: Probe) -> dict[str, Any]:
         worker.start()
     try:
         while counter.value < drain.count:  # counted by other processes
+            probe.settled(counter.value, drain.count)
             if not all(worker.is_alive() for worker in workers):
                 raise RuntimeError("a bookings worker exited before the queue was drained")
             await asyncio.sleep(0.01)
@@ -804,6 +805,11 @@ TABLE = (
 NOTES = (
     "loop_run_pct",
     "loop_runqueue_pct",
+    "steady_msgs_per_s",
+    "steady_machine_idle_pct",
+    "steady_service_busy_cores",
+    "steady_loop_run_pct",
+    "steady_loop_runqueue_pct",
     "gc_s",
     *ACK_FRAMES,
     "imported_rss_mb",

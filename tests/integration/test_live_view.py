@@ -46,8 +46,8 @@ async def test_the_snapshot_follows_the_bookings(
         "closed",
         False,
     )
-    assert view["prefetch"] == 3225
-    assert view["close_early_at"] == 2418  # 3/4 of the prefetch
+    assert view["prefetch"] == 4575
+    assert view["close_early_at"] == 3431  # 3/4 of the prefetch
     assert set(view["open_batches"]) == {"cinema", "musical", "default"}
     assert view["consumers_ready"] == [True]
     assert [failure["message_id"] for failure in view["failures"]] == ["bad-1"]
