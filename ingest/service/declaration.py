@@ -150,12 +150,14 @@ class Wiring(Generic[S]):
         """`defaults` (else the declared batchers) with the settings applied."""
         return self.config.batcher_options(dict(defaults or self.declaration.batchers))
 
-    def concurrency(self) -> int:
+    def concurrency(self, batchers: Mapping[str, Batcher] | None = None) -> int:
         """How many of the pipeline's hooks may run at once, as the settings make it: its
-        processors and its batch processors. A pool of connections the hooks share, of
-        this size, never makes one wait, nor opens and closes extra ones under load."""
+        processors and the batch processors of `batchers` (as `batchers()` gives them;
+        else the declared ones). A pool of connections the hooks share, of this size,
+        never makes one wait, nor opens and closes extra ones under load."""
         processors = self.config.processor_options(self.declaration.processors)
-        return processors.concurrency + sum(b.concurrency for b in self.batchers().values())
+        chosen = self.batchers() if batchers is None else batchers
+        return processors.concurrency + sum(b.concurrency for b in chosen.values())
 
     def pipeline(
         self,

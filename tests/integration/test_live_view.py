@@ -56,6 +56,35 @@ async def test_the_snapshot_follows_the_bookings(
     assert [g["name"] for g in view["topology"]["batchers"]] == ["cinema", "musical", "default"]
 
 
+async def test_on_classic_queues_bookings_get_more_batch_processors_in_a_smaller_window(
+    broker: Broker, queue_name: str, tmp_path: Any
+) -> None:
+    """Classic queues confirm later than quorum queues: eight batch processors per batcher
+    within a prefetch of 3,225 (what a setting gives still wins), and bookings still
+    become tickets."""
+    pipelines = {
+        "bookings": {"queue_type": "classic", "batchers": {"cinema": {"concurrency": 3}}},
+        "notifications": {"queue_type": "classic"},
+    }
+    async with local_service(broker, queue_name, tmp_path, pipelines=pipelines) as service:
+        queue = f"{queue_name}-bookings"
+        for n in range(6):
+            publish_from_ui(broker, queue, f"musical,{n % 3 + 1}", f"classic-{n}")
+
+        async def bookings() -> dict[str, Any]:
+            _, body = await service.get_async("/api/snapshot")
+            return dict(json.loads(body)["pipelines"]["bookings"])
+
+        async def settled() -> bool:
+            return sum((await bookings())["rates"]["successful"]) == 6
+
+        await eventually(settled, timeout=15)
+        view = await bookings()
+    assert view["prefetch"] == 3225
+    batchers = {g["name"]: g["concurrency"] for g in view["topology"]["batchers"]}
+    assert batchers == {"cinema": 3, "musical": 8, "default": 8}
+
+
 async def test_events_stream_the_history_once_then_what_changed(
     broker: Broker, queue_name: str, service: RunningService
 ) -> None:
