@@ -66,7 +66,7 @@ class CsvFileProducer:
         self._task = sink.spawn(self._feed(sink), f"csv-{self.path.name}")
 
     async def _feed(self, sink: Sink) -> None:
-        rows = _rows_of(self.path)
+        rows = rows_of(self.path)
         if self.header:
             await asyncio.to_thread(_take, rows, 1)
         while True:
@@ -229,8 +229,10 @@ def spreadsheet_safe(cell: object) -> object:
     return cell
 
 
-def _rows_of(path: Path) -> Iterator[CsvRow]:
-    """The file's rows; bytes that are not UTF-8 kept as they are (the handlers say so)."""
+def rows_of(path: Path) -> Iterator[CsvRow]:
+    """The file's rows (`csv_rows`), a byte order mark skipped; bytes that are not UTF-8
+    kept as they are (the handlers say so): `row.text.encode("utf-8", "surrogateescape")`
+    gives them back."""
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as file:
         yield from csv_rows(file)
 

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from ingest.exceptions import ConfigurationError, PipelineFailed, PublishError, StartupError
+from ingest.producers.csv_file import rows_of
 from ingest.rabbitmq.connection import redact
 from ingest.rabbitmq.publisher import OutgoingMessage, Publisher
 from ingest.service import control, dlq, tracing
@@ -192,8 +193,9 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
     elif args.file is not None:
         if not args.file.is_file():
             raise ConfigurationError(f"no such file: {args.file}")
-        lines = args.file.read_bytes().splitlines()
-        bodies = [line for line in lines if line.strip()]
+        # One message per row, as `ingest run --file` reads the file: a quoted field may
+        # hold a line break.
+        bodies = [row.text.encode("utf-8", "surrogateescape") for row in rows_of(args.file)]
     else:
         bodies = [args.payload.encode()]
     url = settings.amqp_url.get_secret_value()

@@ -230,13 +230,17 @@ async def test_publish_a_file_or_one_payload_with_confirms_and_message_ids(
 ) -> None:
     environment = env(tmp_path, INGEST_AMQP_URL=broker.amqp_url, **queues)
     lines = tmp_path / "bookings.csv"
-    lines.write_text("cinema,1\n\nmusical,2\n")
+    # As `ingest run --file` reads it: a byte order mark, CRLF, a blank line, a line break
+    # inside quotes, a JSON line.
+    lines.write_bytes(
+        b'\xef\xbb\xbfcinema,1\r\n\r\n"opera\ngala",2\nmusical,2\n{"event": "x", "user_id": 3}\n'
+    )
     code, out, err = await ingest(
         "publish", "bookings", "--file", str(lines), environment=environment
     )
     assert (code, out.strip()) == (
         0,
-        f"published 2 message(s) to {queues['INGEST_PIPELINES__BOOKINGS__QUEUE']}, all confirmed",
+        f"published 4 message(s) to {queues['INGEST_PIPELINES__BOOKINGS__QUEUE']}, all confirmed",
     ), err
     code, _, err = await ingest(
         "publish", "bookings", "--payload", "comedy,3", environment=environment
@@ -245,9 +249,15 @@ async def test_publish_a_file_or_one_payload_with_confirms_and_message_ids(
     from .conftest import drain_queue
 
     taken = await drain_queue(amqp, queues["INGEST_PIPELINES__BOOKINGS__QUEUE"])
-    assert [m.body for m in taken] == [b"cinema,1", b"musical,2", b"comedy,3"]
+    assert [m.body for m in taken] == [
+        b"cinema,1",
+        b'"opera\ngala",2',
+        b"musical,2",
+        b'{"event": "x", "user_id": 3}',
+        b"comedy,3",
+    ]
     ids = {m.header.properties.message_id for m in taken}
-    assert len(ids) == 3
+    assert len(ids) == 5
     assert None not in ids
     assert {m.header.properties.delivery_mode for m in taken} == {2}
 
