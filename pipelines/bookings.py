@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import orjson
 from pydantic import Field
 
 from ingest import Batcher, BatchInfo, Handlers, Message, Processors
@@ -172,7 +173,7 @@ class BookingHandlers(Handlers):
         await self.notifier.notify(
             [
                 self.address(
-                    json.dumps(
+                    orjson.dumps(
                         {
                             "type": "email",
                             "recipient": t.email,
@@ -180,7 +181,7 @@ class BookingHandlers(Handlers):
                             "user_id": t.booking.user_id,
                             "booking": t.message_id,
                         }
-                    ).encode(),
+                    ),
                     t.email,
                     f"{t.message_id}/notification",
                     message,
