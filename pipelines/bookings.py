@@ -39,12 +39,14 @@ BATCHERS = {
     "musical": Batcher(batch_size=100, batch_timeout=1.0, concurrency=4),
     "default": Batcher(batch_size=50, batch_timeout=1.0, concurrency=4),
 }
-# Classic queues confirm a persistent message once it is on disk: a batch waited 45-48 ms
-# for its INSERT and confirms where quorum queues took about 24, and the four batch
-# processors of the busiest batcher were all waiting (docs/PERFORMANCE.md). Eight each,
-# within a smaller window (the messages then wait in batch processors rather than in the
-# intake): 5-14 % faster in three alternated pairs, the same peak RSS. On quorum queues
-# the same change was not faster (2 of 6 pairs), so they keep four.
+# On classic queues the broker spends more per booking (62 against 36 µs here) and the
+# service waited: the four batch processors of the busiest batcher were all busy (a batch
+# took 45-48 ms, its confirms 34), and the service slept a fifth of a drain with the rest
+# of the window queued behind them (docs/PERFORMANCE.md). Eight each, within a smaller
+# window (what it holds then waits in batch processors rather than in the intake): 5-14 %
+# faster in three alternated pairs, the same peak RSS. On quorum queues the service was
+# already busy or waiting for a core 97-99 % of a drain, and eight were not faster (2 of
+# 6 pairs), so they keep four.
 CLASSIC_BATCHERS = {name: replace(batcher, concurrency=8) for name, batcher in BATCHERS.items()}
 CLASSIC_PREFETCH = 3_225
 RETRY = RetryPolicy(max_attempts=5, delays=(1.0, 5.0, 15.0, 30.0))

@@ -59,9 +59,8 @@ async def test_the_snapshot_follows_the_bookings(
 async def test_on_classic_queues_bookings_get_more_batch_processors_in_a_smaller_window(
     broker: Broker, queue_name: str, tmp_path: Any
 ) -> None:
-    """Classic queues confirm later than quorum queues: eight batch processors per batcher
-    within a prefetch of 3,225 (what a setting gives still wins), and bookings still
-    become tickets."""
+    """On classic queues: eight batch processors per batcher within a prefetch of 3,225
+    (what a setting gives still wins), and bookings still become tickets."""
     pipelines = {
         "bookings": {"queue_type": "classic", "batchers": {"cinema": {"concurrency": 3}}},
         "notifications": {"queue_type": "classic"},
