@@ -49,6 +49,8 @@ from ingest.text import bounded
 # What a replayed copy leaves behind: the failure it had; its attempts start again.
 FAILURE_HEADERS = (ATTEMPTS_HEADER, REASON_HEADER, EXCEPTION_HEADER, FAILED_AT_HEADER, "x-death")
 REPLAY_WINDOW = 100  # copies awaiting their confirms at once
+# How long `show` waits for a queue to count again what it took and gave back.
+RETURN_WAIT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,15 +139,32 @@ class DeadLetters:
         queue. Every dead letter is read to find them; at most twice `limit` are kept."""
         kept: list[DeadLetter] = []
         for _, dead_letter_queue in self.pairs:
+            taken = 0
             async with self._channel() as channel:
                 async for message in _taken(channel, dead_letter_queue):
+                    taken += 1
                     letter = DeadLetter.of(message)
                     if letter.matches(reason):
                         kept.append(letter)
                         if len(kept) >= 2 * limit:
                             kept = sorted(kept, key=_age)[:limit]
-            # the channel closed: everything taken went back
+            # The channel closed: everything taken went back.
+            await self._counted_again(dead_letter_queue, taken)
         return sorted(kept, key=_age)[:limit]
+
+    async def _counted_again(self, queue: str, count: int) -> None:
+        """Wait until `queue` counts `count` messages or more, for RETURN_WAIT_S at most: a
+        quorum queue takes back what a closed channel returns a moment later, and a `show`,
+        `count` or `replay` right after would find it short (even empty). Someone else
+        taking from the queue meanwhile only makes this wait its whole time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RETURN_WAIT_S
+        async with self._channel() as channel:
+            while True:
+                declared = await channel.queue_declare(queue, passive=True)
+                if int(declared.message_count or 0) >= count or loop.time() >= deadline:
+                    return
+                await asyncio.sleep(0.05)
 
     async def replay(
         self,
