@@ -322,8 +322,7 @@ class Probe:
         # the kernel's run queue: the cores busy with others). What is left, it waited
         # for I/O with nothing to do.
         if not self.workers_cpu:
-            row["loop_run_pct"] = round(100 * self._spent["loop_run"] / probed, 1)
-            row["loop_runqueue_pct"] = round(100 * self._spent["loop_runqueue"] / probed, 1)
+            row.update(loop_shares(self._spent, probed))
         return {**row, **self._steady_figures(), **extra}
 
     def _steady_figures(self) -> dict[str, float]:
@@ -342,9 +341,21 @@ class Probe:
         }
         if not self.workers_cpu:  # the workers' CPU and loops are in their own processes
             figures["steady_service_busy_cores"] = round(spent["service"] / seconds, 2)
-            figures["steady_loop_run_pct"] = round(100 * spent["loop_run"] / seconds, 1)
-            figures["steady_loop_runqueue_pct"] = round(100 * spent["loop_runqueue"] / seconds, 1)
+            shares = loop_shares(spent, seconds)
+            figures.update({f"steady_{name}": share for name, share in shares.items()})
         return figures
+
+
+def loop_shares(spent: dict[str, float], seconds: float) -> dict[str, float]:
+    """The event loop's thread over `seconds`: the share it ran, waited on the kernel's
+    run queue for a core, and waited for I/O with nothing to do (the rest)."""
+    run = round(100 * spent["loop_run"] / seconds, 1)
+    runqueue = round(100 * spent["loop_runqueue"] / seconds, 1)
+    return {
+        "loop_run_pct": run,
+        "loop_runqueue_pct": runqueue,
+        "loop_waited_pct": round(max(0.0, 100 - run - runqueue), 1),
+    }
 
 
 @contextlib.asynccontextmanager

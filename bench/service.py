@@ -11,6 +11,10 @@ Scenarios (each fills its own queue, then drains it in a fresh process):
                                  per ticket published with confirms (skipped, saying why,
                                  when PostgreSQL is unreachable)
   bookings_sqlite                the same on SQLite
+  bookings_by_hand_postgresql    the same work written by hand (bench/by_hand.py: aiormq and
+                                 asyncpg, the pipeline's window, batch sizes and batches in
+                                 flight, nothing else): what one process of Python does
+                                 with this shape here, and so what the pipeline adds
   bookings_postgresql_x2         the same in two processes on one queue, as
                                  `ingest run --workers 2` (bookings_sqlite_x2 without
                                  PostgreSQL)
@@ -28,9 +32,10 @@ bare_aiormq of the same run), service_cpu_us_per_msg (the draining processes' ut
 broker_cpu_us_per_msg (RabbitMQ's Erlang VM over the drain, not the fill),
 machine_idle_pct (the share of all the machine's cores' time spent idle over the drain:
 the room left for more throughput; near 0, the rate is set by CPU, not by waits),
-service_busy_cores (the service's CPU seconds per second of the drain), loop_run_pct and
-loop_runqueue_pct (one process: the share of the drain its event loop's thread ran, and
-waited for a core; the rest it had nothing to do), peak_rss_mb
+service_busy_cores (the service's CPU seconds per second of the drain), loop_run_pct,
+loop_runqueue_pct and loop_waited_pct (one process: the share of the drain its event
+loop's thread ran, waited for a core, and had nothing to do, waiting for the broker or
+the database), peak_rss_mb
 (imported_rss_mb: the drain process's RSS once the service's modules are imported, before
 anything runs), and per scenario what it checks. Timed from the start of the drain to its
 last acknowledgement.
@@ -117,6 +122,9 @@ class Drain:
     mail_timeout: float = 300.0  # notifications: the most to wait for it after the drain
     # bookings: settings on top of the pipeline's own (`--bookings prefetch_count=1500`)
     bookings: dict[str, Any] = field(default_factory=dict)
+    # bookings by hand: the pipeline's window and {batcher: [batch size, in flight]}
+    prefetch_by_hand: int = 0
+    batchers_by_hand: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def notifications_queue(self) -> str:
@@ -286,6 +294,66 @@ async def bookings(drain: Drain, probe: Probe) -> dict[str, Any]:
     return {"failed": progress.failed, **frames, **await bookings_outcome(drain)}
 
 
+async def bookings_by_hand(drain: Drain, probe: Probe) -> dict[str, Any]:
+    from by_hand import Shape
+    from by_hand import drain as drain_by_hand
+
+    shape = Shape(drain.prefetch_by_hand, drain.batchers_by_hand)
+    await drain_by_hand(
+        drain.url,
+        drain.queue,
+        drain.notifications_queue,
+        drain.database_url,
+        drain.count,
+        shape,
+        lambda settled: probe.settled(settled, drain.count),
+        probe.stop,
+    )
+    return await bookings_outcome(drain)
+
+
+def by_hand_shape(drain: Drain) -> Drain:
+    """`drain` with the bookings pipeline's window and batchers as `ingest run` would
+    build them for it (queue type and `--bookings` settings included); its database's
+    schema and its notifications queue made as the pipeline's start-up makes them."""
+    from ingest.service.hosting import build
+    from ingest.service.settings import PipelineSettings, Settings
+    from pipelines.db import Database
+
+    settings = Settings(
+        amqp_url=drain.url,
+        database_url=drain.database_url,
+        pipelines={
+            "bookings": {"queue": drain.queue, "queue_type": drain.queue_type, **drain.bookings}
+        },
+    )
+    item = build(settings, ["bookings"])["bookings"]
+    assert item.prefetch is not None
+
+    async def schema() -> None:
+        db = Database(drain.database_url)
+        try:
+            await db.start()
+        finally:
+            await db.close()
+        declare = PipelineSettings.model_validate({"queue_type": drain.queue_type}).queue_declare(
+            drain.notifications_queue
+        )
+        connection = await aiormq.connect(drain.url)
+        channel = await connection.channel()
+        await channel.queue_declare(
+            drain.notifications_queue, durable=True, arguments=dict(declare.arguments)
+        )
+        await connection.close()
+
+    asyncio.run(schema())
+    batchers = {
+        name: (int(batcher.batch_size), batcher.concurrency)  # type: ignore[arg-type]
+        for name, batcher in item.pipeline.batchers.items()
+    }
+    return replace(drain, prefetch_by_hand=item.prefetch, batchers_by_hand=batchers)
+
+
 async def bookings_outcome(drain: Drain) -> dict[str, Any]:
     """Tickets in the database and notifications waiting: one each per booking."""
     from pipelines.db import Database
@@ -403,11 +471,14 @@ DRAINS: dict[str, Callable[[Drain, Probe], Awaitable[dict[str, Any]]]] = {
     "bare_aiormq_confirmed_publish": bare_confirmed_publish,
     "bookings_postgresql": bookings,
     "bookings_sqlite": bookings,
+    "bookings_by_hand_postgresql": bookings_by_hand,
     "bookings_postgresql_x2": bookings_two_workers,
     "notifications_durable": notifications,
     "notifications_in_memory": notifications,
 }
 SCENARIOS = tuple(DRAINS)
+BY_HAND = "bookings_by_hand_postgresql"
+WITHOUT_INGEST = ("bare_aiormq", "bare_aiormq_confirmed_publish", BY_HAND)
 
 
 def run_drain(scenario: str, drain: Drain, broker_pid: int | None) -> dict[str, Any]:
@@ -416,7 +487,7 @@ def run_drain(scenario: str, drain: Drain, broker_pid: int | None) -> dict[str, 
     import uvloop
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
-    if not scenario.startswith("bare"):
+    if scenario not in WITHOUT_INGEST:
         # Imported before the clock starts, as a running service would have them.
         for module in ("ingest.service.hosting", "pipelines.bookings", "pipelines.notifications"):
             importlib.import_module(module)
@@ -712,6 +783,8 @@ def bookings_job(
         job.label = scenario.replace("postgresql", database)
         job.drain = replace(drain, pipeline="bookings", database_url=url)
         job.extra = {"database": database}
+    if scenario == BY_HAND:
+        job.drain = by_hand_shape(job.drain)
     return job
 
 
@@ -805,11 +878,13 @@ TABLE = (
 NOTES = (
     "loop_run_pct",
     "loop_runqueue_pct",
+    "loop_waited_pct",
     "steady_msgs_per_s",
     "steady_machine_idle_pct",
     "steady_service_busy_cores",
     "steady_loop_run_pct",
     "steady_loop_runqueue_pct",
+    "steady_loop_waited_pct",
     "gc_s",
     *ACK_FRAMES,
     "imported_rss_mb",
@@ -929,7 +1004,7 @@ def run_all(run: Run, scenarios: list[str]) -> list[dict[str, Any]]:
     """A row per scenario, and per recipient count for the notifications."""
     rows: list[dict[str, Any]] = []
     for scenario in scenarios:
-        if scenario == "bookings_postgresql" and run.postgres_error:
+        if scenario in ("bookings_postgresql", BY_HAND) and run.postgres_error:
             rows.append({"scenario": scenario, "skipped": run.postgres_error})
             print(f"{scenario}: skipped, {run.postgres_error}", file=sys.stderr)
             continue
