@@ -232,11 +232,10 @@ async def hosted(
     progress: Progress,
     stopped: Callable[[], Awaitable[None]],
     stop: Callable[[], bool] | None = None,
-    workers: int = 1,
 ) -> dict[str, int]:
-    """Run the pipeline as `ingest run` builds it (`--workers N`: one of N) until
-    `progress` is done (or `stop()`), then call `stopped` before anything is torn down.
-    Return the ack frames its producer sent, of each kind."""
+    """Run the pipeline as `ingest run` builds it until `progress` is done (or `stop()`),
+    then call `stopped` before anything is torn down. Return the ack frames its producer
+    sent, of each kind."""
     from ingest.service import garbage, tracing
     from ingest.service.hosting import build
     from ingest.service.logging import FAILURE_EVENTS, log_failures
@@ -251,7 +250,6 @@ async def hosted(
         amqp_url=drain.url,
         database_url=drain.database_url,
         smtp_url=drain.smtp_url or None,
-        processes_per_host=workers,  # as `ingest run --workers N` sets it for its workers
         pipelines={
             "bookings": {"queue": drain.queue, "queue_type": drain.queue_type, **drain.bookings},
             "notifications": {
@@ -372,9 +370,6 @@ async def bookings_outcome(drain: Drain) -> dict[str, Any]:
     return {"tickets": tickets, "notifications_queued": declared.message_count}
 
 
-WORKERS = 2  # bookings_postgresql_x2
-
-
 def _worker(drain: Drain, counter: Any, stop: Any, reports: Any) -> None:
     import uvloop
 
@@ -388,7 +383,7 @@ def _worker(drain: Drain, counter: Any, stop: Any, reports: Any) -> None:
     async def stopped() -> None:
         cpu.append(cpu_seconds())  # since the fork: all of this worker's
 
-    uvloop.run(hosted(drain, progress, stopped, stop.is_set, WORKERS))
+    uvloop.run(hosted(drain, progress, stopped, stop.is_set))
     reports.put((cpu[0], peak_rss_mb(), progress.failed))
 
 
@@ -398,8 +393,7 @@ async def bookings_two_workers(drain: Drain, probe: Probe) -> dict[str, Any]:
     context = multiprocessing.get_context("fork")
     counter, stop, reports = context.Value("q", 0), context.Event(), context.Queue()
     workers = [
-        context.Process(target=_worker, args=(drain, counter, stop, reports))
-        for _ in range(WORKERS)
+        context.Process(target=_worker, args=(drain, counter, stop, reports)) for _ in range(2)
     ]
     for worker in workers:
         worker.start()

@@ -235,7 +235,6 @@ class RabbitMQOptions:
     no_ack: bool = False
     concurrency: int = 1
     per_producer: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
-    processes_per_host: int = 1
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -251,7 +250,6 @@ class RabbitMQOptions:
             ("port", self.port, 1, 65535, True),  # None: the scheme's default port
             ("heartbeat", self.heartbeat, 0, 65535, False),  # seconds; 0 turns them off
             ("prefetch_size", self.prefetch_size, 0, 2**32 - 1, False),  # bytes; 0: no limit
-            ("processes_per_host", self.processes_per_host, 1, 65535, False),
         ):
             _check(
                 (optional and value is None) or _int_between(value, low, high),

@@ -82,12 +82,7 @@ class RabbitMQProducer:
     def bind(self, shape: PipelineShape) -> int:
         """Check prefetch against the batchers (or pick one), before anything starts."""
         if self.options.prefetch_count is None:
-            # The processes of one host share the window one of them would pick: two
-            # workers on one quorum queue, each with all of it, sometimes cost RabbitMQ half
-            # as much again per message and drained slower than one process
-            # (docs/PERFORMANCE.md, issue 23).
-            shared = shape.default_bound() // self.options.processes_per_host
-            self.prefetch_count = max(shared, shape.bound_for_full_batches())
+            self.prefetch_count = shape.default_bound()
         else:
             shape.check_bound(self.options.prefetch_count, "prefetch_count")
             self.prefetch_count = self.options.prefetch_count

@@ -100,7 +100,6 @@ class Declaration(Generic[S]):
             prefetch_count=config.prefetch_count or prefetch_count or self.prefetch_count,
             retry=config.retry_policy(self.retry),
             metadata=self.metadata,
-            processes_per_host=settings.processes_per_host,
         )
         options = consumer(options) if consumer else options
         return Wiring(self, settings, config, None, RabbitMQProducer(options), options)

@@ -187,9 +187,6 @@ class Settings(BaseSettings):
     max_body_bytes: PositiveInt = 64 * 1024
     replica_index: int | None = Field(default=None, ge=0)
     replicas: PositiveInt | None = None
-    # How many processes of the service consume on this host (`ingest run --workers N`
-    # sets it for its workers): the prefetch a pipeline picks is shared among them.
-    processes_per_host: PositiveInt = 1
     upload_dir: Path = Path("var/uploads")
     upload_max_bytes: PositiveInt = 50 * 1024 * 1024
     # Each one read with the settings model its pipeline declares (`_per_pipeline`).

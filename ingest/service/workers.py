@@ -146,8 +146,6 @@ def _env(index: int, workers: int, port: int) -> dict[str, str]:
     env[WORKER_ENV] = str(index)
     # The workers are the replicas that share a partitioned pipeline's partitions.
     env["INGEST_REPLICA_INDEX"], env["INGEST_REPLICAS"] = str(index), str(workers)
-    # They share this host's cores, and the prefetch one process would pick.
-    env["INGEST_PROCESSES_PER_HOST"] = str(workers)
     # Their supervisor is their only client, on the loopback, whatever the service's
     # address and allowed hosts are.
     env["INGEST_HTTP_HOST"], env["INGEST_HTTP_PORT"] = WORKER_HOST, str(port)

@@ -62,23 +62,6 @@ def test_the_chosen_prefetch_has_room_for_every_batch_processor() -> None:
     assert producer.prefetch_count == 3 * (3 * 75 + 4 * 100 + 10)
 
 
-@pytest.mark.parametrize(("processes", "expected"), [(1, 3 * 460), (2, 3 * 460 // 2), (9, 300)])
-def test_the_processes_of_one_host_share_the_prefetch_one_would_pick(
-    processes: int, expected: int
-) -> None:
-    producer = RabbitMQProducer(RabbitMQOptions(queue="q", processes_per_host=processes))
-    Pipeline("bookings", Routes(), producer, batchers=THREE_BATCHERS)
-    # Never below what one batch of every batcher needs (4/3 of 225).
-    assert producer.prefetch_count == expected
-
-
-def test_a_prefetch_that_is_set_is_each_process_own() -> None:
-    options = RabbitMQOptions(queue="q", prefetch_count=500, processes_per_host=2)
-    producer = RabbitMQProducer(options)
-    Pipeline("bookings", Routes(), producer, batchers=THREE_BATCHERS)
-    assert producer.prefetch_count == 500
-
-
 def test_the_pipeline_intake_holds_everything_the_broker_may_send() -> None:
     producer = RabbitMQProducer(RabbitMQOptions(queue="q", prefetch_count=500, concurrency=2))
     Pipeline("p", Routes(), producer, processors=Processors(concurrency=2))
@@ -117,11 +100,6 @@ def test_a_per_producer_prefetch_count_counts_in_what_the_producer_holds() -> No
         pytest.param({"heartbeat": -1}, "heartbeat must be an int from 0", id="bad-heartbeat"),
         pytest.param(
             {"prefetch_size": "1MB"}, "prefetch_size must be an int from 0", id="bad-prefetch-size"
-        ),
-        pytest.param(
-            {"processes_per_host": 0},
-            "processes_per_host must be an int from 1",
-            id="bad-processes-per-host",
         ),
         pytest.param(
             {"metadata": ("delivery_tag", "colour")},
