@@ -145,14 +145,7 @@ async def bare_confirmed_publish(drain: Drain, probe: Probe) -> dict[str, Any]:
     connection = await aiormq.connect(drain.url)
     consuming = await connection.channel()
     publishing = await connection.channel(publisher_confirms=True)
-    from ingest.service.settings import PipelineSettings
-
-    declare = PipelineSettings.model_validate({"queue_type": drain.queue_type}).queue_declare(
-        drain.notifications_queue
-    )
-    await publishing.queue_declare(
-        drain.notifications_queue, durable=True, arguments=dict(declare.arguments)
-    )
+    await declare_notifications_queue(drain, publishing)
     await consuming.basic_qos(prefetch_count=PREFETCH)
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
@@ -195,6 +188,19 @@ async def bare_confirmed_publish(drain: Drain, probe: Probe) -> dict[str, Any]:
     await probe.stop()
     await connection.close()
     return {}
+
+
+async def declare_notifications_queue(drain: Drain, channel: aiormq.abc.AbstractChannel) -> None:
+    """The notifications queue, of the run's queue type, as the bookings pipeline's
+    start-up declares it."""
+    from ingest.service.settings import PipelineSettings
+
+    declare = PipelineSettings.model_validate({"queue_type": drain.queue_type}).queue_declare(
+        drain.notifications_queue
+    )
+    await channel.queue_declare(
+        drain.notifications_queue, durable=True, arguments=dict(declare.arguments)
+    )
 
 
 class Progress:
@@ -317,7 +323,7 @@ def by_hand_shape(drain: Drain) -> Drain:
     build them for it (queue type and `--bookings` settings included); its database's
     schema and its notifications queue made as the pipeline's start-up makes them."""
     from ingest.service.hosting import build
-    from ingest.service.settings import PipelineSettings, Settings
+    from ingest.service.settings import Settings
     from pipelines.db import Database
 
     settings = Settings(
@@ -336,14 +342,8 @@ def by_hand_shape(drain: Drain) -> Drain:
             await db.start()
         finally:
             await db.close()
-        declare = PipelineSettings.model_validate({"queue_type": drain.queue_type}).queue_declare(
-            drain.notifications_queue
-        )
         connection = await aiormq.connect(drain.url)
-        channel = await connection.channel()
-        await channel.queue_declare(
-            drain.notifications_queue, durable=True, arguments=dict(declare.arguments)
-        )
+        await declare_notifications_queue(drain, await connection.channel())
         await connection.close()
 
     asyncio.run(schema())
@@ -466,18 +466,18 @@ async def notifications(drain: Drain, probe: Probe) -> dict[str, Any]:
     }
 
 
+BY_HAND = "bookings_by_hand_postgresql"
 DRAINS: dict[str, Callable[[Drain, Probe], Awaitable[dict[str, Any]]]] = {
     "bare_aiormq": bare,
     "bare_aiormq_confirmed_publish": bare_confirmed_publish,
     "bookings_postgresql": bookings,
     "bookings_sqlite": bookings,
-    "bookings_by_hand_postgresql": bookings_by_hand,
+    BY_HAND: bookings_by_hand,
     "bookings_postgresql_x2": bookings_two_workers,
     "notifications_durable": notifications,
     "notifications_in_memory": notifications,
 }
 SCENARIOS = tuple(DRAINS)
-BY_HAND = "bookings_by_hand_postgresql"
 WITHOUT_INGEST = ("bare_aiormq", "bare_aiormq_confirmed_publish", BY_HAND)
 
 
