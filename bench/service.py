@@ -383,8 +383,8 @@ def _worker(drain: Drain, counter: Any, stop: Any, reports: Any) -> None:
     async def stopped() -> None:
         cpu.append(cpu_seconds())  # since the fork: all of this worker's
 
-    uvloop.run(hosted(drain, progress, stopped, stop.is_set))
-    reports.put((cpu[0], peak_rss_mb(), progress.failed))
+    frames = uvloop.run(hosted(drain, progress, stopped, stop.is_set))
+    reports.put((cpu[0], peak_rss_mb(), progress.failed, frames))
 
 
 async def bookings_two_workers(drain: Drain, probe: Probe) -> dict[str, Any]:
@@ -407,14 +407,16 @@ async def bookings_two_workers(drain: Drain, probe: Probe) -> dict[str, Any]:
     finally:
         stop.set()
     failed = 0
+    frames: Counter[str] = Counter()  # the ack frames of both
     for _ in workers:
-        cpu, peak, worker_failed = reports.get(timeout=120)
+        cpu, peak, worker_failed, worker_frames = reports.get(timeout=120)
         probe.workers_cpu += cpu
         probe.worker_peaks.append(peak)
         failed += worker_failed
+        frames.update(worker_frames)
     for worker in workers:
         worker.join()
-    return {"workers": 2, "failed": failed, **await bookings_outcome(drain)}
+    return {"workers": 2, "failed": failed, **frames, **await bookings_outcome(drain)}
 
 
 class MailWatch:
