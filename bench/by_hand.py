@@ -8,7 +8,7 @@ pipeline has batch processors. A batch looks up its users (one query), inserts i
 tickets (one statement, the pipeline's), publishes one persistent notification per ticket
 with confirms and, once all are confirmed, is acknowledged: with one `multiple` ack up to
 the oldest booking still in flight, and one ack per booking when more than half the window
-is done but held behind it. A batch that has not filled in a second goes as it is.
+is done but held behind it. Every second, the batches still filling go as they are.
 
 No retries, no metrics, no events, no tracing, no supervision: what the pipeline spends
 beyond this is the framework's; where it waits beyond this, the framework waits.
