@@ -29,7 +29,10 @@ Scenarios (each fills its own queue, then drains it in a fresh process):
 
 One JSON line per scenario, then a Markdown table: msgs_per_s, ratio_to_bare (to
 bare_aiormq of the same run), service_cpu_us_per_msg (the draining processes' utime+stime),
-broker_cpu_us_per_msg (RabbitMQ's Erlang VM over the drain, not the fill),
+broker_cpu_us_per_msg (RabbitMQ's Erlang VM over the drain, not the fill; with the broker
+on this machine, its quorum-queue WAL is rolled over before each fill, so that no drain
+pays for the runs before it: wal_roll_overs_in_drain says how many came anyway, 0 unless
+--keep-wal; bench/_raft_wal.py),
 machine_idle_pct (the share of all the machine's cores' time spent idle over the drain:
 the room left for more throughput; near 0, the rate is set by CPU, not by waits),
 service_busy_cores (the service's CPU seconds per second of the drain), loop_run_pct,
@@ -85,6 +88,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+import _raft_wal as raft_wal
 import aiormq
 from _common import (
     Probe,
@@ -709,6 +713,7 @@ class Run:
     mail_timeout: float = 300.0
     bookings: dict[str, Any] = field(default_factory=dict)
     broker_pid: int | None = None
+    keep_wal: bool = False
     postgres_error: str | None = None
     rng: random.Random = field(default_factory=lambda: random.Random(11))
 
@@ -831,16 +836,23 @@ def notifications_job(
 
 def run_job(run: Run, job: Job) -> dict[str, Any]:
     queue, count = job.drain.queue, job.drain.count
+    local = run.broker_pid is not None  # rabbitmqctl talks to this machine's broker
+    rolled = local and not run.keep_wal and raft_wal.roll_over()
     print(f"{job.label}: filling {queue} with {len(job.messages)} messages", file=sys.stderr)
     content_type = "application/json" if job.smtp else None
     asyncio.run(fill_queue(run.url, queue, job.messages, content_type, run.queue_type))
     job.messages = []  # not kept through the drain
+    wal_before = raft_wal.last_file() if local else None
     background = broker_background_pct(run.broker_pid)
     print(f"{job.label}: draining", file=sys.stderr)
     smtp_cpu = cpu_seconds(job.smtp.pid) if job.smtp else 0.0
     drained = drain_process(job.scenario, job.drain, run.broker_pid)
+    wal_after = raft_wal.last_file() if local else None
     result = {**drained, "scenario": job.label, **job.extra}
     result["broker_background_cpu_pct"] = background
+    result["wal_rolled_over_before_fill"] = rolled
+    if wal_before is not None and wal_after is not None:
+        result["wal_roll_overs_in_drain"] = wal_after - wal_before
     if job.smtp is not None:
         smtp_cpu = cpu_seconds(job.smtp.pid) - smtp_cpu
         result["smtp_server_cpu_us_per_msg"] = round(smtp_cpu * 1e6 / count, 1)
@@ -912,6 +924,8 @@ NOTES = (
     "smtp_server_cpu_us_per_msg",
     "on_sqlite_because",
     "broker_background_cpu_pct",
+    "wal_rolled_over_before_fill",
+    "wal_roll_overs_in_drain",
     "skipped",
     "error",
 )
@@ -995,6 +1009,12 @@ def arguments() -> argparse.Namespace:
         action="store_true",
         help="drain with tracing on: OTLP/HTTP to a sink this script runs, which counts "
         "what it receives (every span is made and exported; nothing is stored)",
+    )
+    parser.add_argument(
+        "--keep-wal",
+        action="store_true",
+        help="do not roll RabbitMQ's quorum-queue WAL over before each drain: a drain then "
+        "pays, about one run in six, for the roll-over the runs before it caused",
     )
     parser.add_argument("--drain", nargs=2, metavar=("SCENARIO", "JSON"), help=argparse.SUPPRESS)
     parser.add_argument("--broker-pid", type=int, help=argparse.SUPPRESS)
@@ -1086,6 +1106,7 @@ def main() -> None:
         bookings_settings(args.bookings),
     )
     run.broker_pid = find_broker_pid()
+    run.keep_wal = args.keep_wal
     sink = otlp_sink() if args.traced else None
     scenarios = args.scenario or list(SCENARIOS)
     if any("postgresql" in name or name.startswith("notifications") for name in scenarios):
