@@ -1013,7 +1013,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument(
         "--keep-wal",
         action="store_true",
-        help="do not roll RabbitMQ's quorum-queue WAL over before each drain: a drain then "
+        help="do not roll RabbitMQ's quorum-queue WAL over before each fill: a drain then "
         "pays, about one run in six, for the roll-over the runs before it caused",
     )
     parser.add_argument("--drain", nargs=2, metavar=("SCENARIO", "JSON"), help=argparse.SUPPRESS)
